@@ -1,0 +1,22 @@
+"""Task Singular Vectors (Gargiulo et al., CVPR 2025) for FusionBench: TSV-M, TSV-C and STI.
+
+The algorithms are imported lazily so that :mod:`fusion_bench_tsv.functional` stays importable
+without loading FusionBench.
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "TSVMergeAlgorithm": "fusion_bench_tsv.tsv_merge",
+}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fusion_bench_tsv' has no attribute {name!r}")
