@@ -1,0 +1,140 @@
+"""Synthetic fine-tuned models and image tasks, for tests, demos and benchmarks that cannot download.
+
+Task updates are made the way fine-tuning shapes them: a low-rank part plus small dense noise on
+every matrix, and small noise on every other parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "synthetic_task_state",
+    "random_image_task",
+    "write_clip_pool",
+    "write_pool_configs",
+]
+
+
+def synthetic_task_state(
+    base: Mapping[str, Tensor],
+    seed: int,
+    rank: int = 4,
+    scale: float = 0.02,
+    noise: float = 1e-3,
+) -> Dict[str, Tensor]:
+    """θ₀ + a synthetic task update: ``scale·A·B`` (rank ``rank``) + ``noise·N`` on matrices, noise elsewhere."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for key, value in base.items():
+        if not torch.is_floating_point(value):
+            out[key] = value.clone()
+            continue
+        work = value.detach().to(torch.float32)
+        update = noise * torch.randn(work.shape, generator=gen)
+        if work.dim() == 2:
+            m, n = work.shape
+            k = min(rank, m, n)
+            a = torch.randn(m, k, generator=gen) / k**0.5
+            b = torch.randn(k, n, generator=gen)
+            update += scale * (a @ b)
+        out[key] = (work + update).to(value.dtype)
+    return out
+
+
+def random_image_task(
+    num_classes: int, num_images: int, image_size: int, seed: int
+) -> tuple[List["PIL.Image.Image"], List[int]]:  # noqa: F821
+    """Random RGB images with a class-dependent mean colour (learnable but not trivial)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(40, 215, size=(num_classes, 3))
+    labels = rng.integers(0, num_classes, size=num_images)
+    images = []
+    for y in labels:
+        pixels = colours[y] + rng.normal(0, 30, size=(image_size, image_size, 3))
+        images.append(Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)))
+    return images, [int(y) for y in labels]
+
+
+def write_clip_pool(
+    directory: os.PathLike, pretrained_path: os.PathLike, task_names: Sequence[str], seed: int = 0, **update_kwargs
+) -> Dict[str, Path]:
+    """Save one synthetic fine-tuned ``CLIPVisionModel`` per task, derived from a saved ``CLIPModel``."""
+    from transformers import CLIPVisionModel
+
+    directory = Path(directory)
+    base = CLIPVisionModel.from_pretrained(pretrained_path)
+    base_state = base.state_dict()
+    paths = {}
+    for i, task in enumerate(task_names):
+        model = CLIPVisionModel(base.config)
+        model.load_state_dict(synthetic_task_state(base_state, seed=seed + 1000 * (i + 1), **update_kwargs))
+        paths[task] = directory / task
+        model.save_pretrained(paths[task])
+    return paths
+
+
+def write_pool_configs(
+    config_dir: os.PathLike,
+    name: str,
+    pretrained_path: os.PathLike,
+    task_paths: Mapping[str, os.PathLike],
+    data_root: Optional[os.PathLike] = None,
+    eval_tasks: Optional[Sequence[str]] = None,
+    batch_size: int = 16,
+) -> None:
+    """Write ``modelpool/CLIPVisionModelPool/<name>.yaml`` and ``taskpool/CLIPVisionModelTaskPool/<name>.yaml``.
+
+    The task pool evaluates ``eval_tasks`` (default: all tasks) from the local datasets in ``data_root``
+    (see :mod:`fusion_bench_tsv.local_data`); it is omitted when ``data_root`` is None.
+    """
+    import yaml
+
+    config_dir = Path(config_dir)
+    modelpool = {
+        "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
+        "_recursive_": False,
+        "processor": str(pretrained_path),
+        "models": {"_pretrained_": str(pretrained_path), **{t: str(p) for t, p in task_paths.items()}},
+        "platform": "hf",
+    }
+    path = config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(modelpool, sort_keys=False))
+    if data_root is None:
+        return
+    tasks = list(eval_tasks) if eval_tasks is not None else list(task_paths)
+    taskpool = {
+        "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
+        "_recursive_": False,
+        "test_datasets": {
+            t: {
+                "_target_": "fusion_bench_tsv.local_data.load_task_dataset",
+                "root": str(data_root),
+                "task": t,
+                "split": "test",
+            }
+            for t in tasks
+        },
+        "base_model": str(pretrained_path),
+        "clip_model": {
+            "_target_": "transformers.CLIPModel.from_pretrained",
+            "pretrained_model_name_or_path": "${..base_model}",
+        },
+        "processor": {
+            "_target_": "transformers.CLIPProcessor.from_pretrained",
+            "pretrained_model_name_or_path": "${..base_model}",
+        },
+        "dataloader_kwargs": {"batch_size": batch_size, "num_workers": 0, "shuffle": False},
+    }
+    path = config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(taskpool, sort_keys=False))
