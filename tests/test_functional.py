@@ -1,0 +1,140 @@
+"""The functional core against an independent float64 evaluation of the formulas."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fusion_bench_tsv.functional import (
+    concat_factors,
+    default_rank,
+    orthogonalize,
+    truncated_svd,
+    tsv_merge_matrix,
+)
+
+
+def low_rank_deltas(num_tasks: int, m: int, n: int, rank: int, seed: int, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(m, rank, generator=gen, dtype=torch.float64) @ torch.randn(rank, n, generator=gen, dtype=torch.float64)
+         + 1e-2 * torch.randn(m, n, generator=gen, dtype=torch.float64)).to(dtype)
+        for _ in range(num_tasks)
+    ]
+
+
+def inv_sqrt_psd(g: torch.Tensor) -> torch.Tensor:
+    w, q = torch.linalg.eigh(g)
+    return q @ torch.diag(w.rsqrt()) @ q.T
+
+
+def oracle_tsv_merge(deltas, k):
+    """U⊥ Σ V⊥ᵀ in float64 with the whitening form U (UᵀU)^(-1/2) (NOTES §1), block-diagonal Σ spelt out."""
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
+    U, V = torch.cat(us, 1), torch.cat(vs, 1)
+    Sigma = torch.block_diag(*[torch.diag(s) for s in ss])
+    U_perp = U @ inv_sqrt_psd(U.T @ U)
+    V_perp = V @ inv_sqrt_psd(V.T @ V)
+    return U_perp @ Sigma @ V_perp.T
+
+
+@pytest.mark.parametrize("num_tasks", [3, 5, 8, 20])
+@pytest.mark.parametrize("shape", [(60, 60), (80, 50), (40, 96)])
+def test_tsv_merge_matrix_matches_float64_whitening_formula(num_tasks, shape):
+    m, n = shape
+    deltas = low_rank_deltas(num_tasks, m, n, rank=6, seed=num_tasks * 100 + m)
+    k = default_rank(shape, num_tasks)
+    assert k == max(1, min(shape) // num_tasks)
+    expected = oracle_tsv_merge(deltas, k)
+    got = tsv_merge_matrix(deltas)
+    assert got.dtype == torch.float64 and got.shape == shape
+    # float64 agreement; the bound is loose only where Tk = r makes UᵀU ill-conditioned for the oracle
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_tsv_merge_matrix_float32_close_to_float64():
+    deltas64 = low_rank_deltas(5, 48, 32, rank=8, seed=3)
+    expected = oracle_tsv_merge(deltas64, k=4)
+    got = tsv_merge_matrix([d.float() for d in deltas64], k=4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_in_half_out_computed_in_float32(dtype):
+    deltas = [d.to(dtype) for d in low_rank_deltas(4, 32, 24, rank=3, seed=7, dtype=torch.float32)]
+    got = tsv_merge_matrix(deltas)
+    assert got.dtype == dtype
+    expected = tsv_merge_matrix([d.float() for d in deltas])
+    assert (got.float() - expected).abs().max() <= 2e-2 * expected.abs().max()
+    u, s, vh = truncated_svd(deltas[0], 5)
+    assert u.dtype == s.dtype == vh.dtype == dtype
+
+
+@pytest.mark.parametrize("shape,k", [((30, 20), 1), ((30, 20), 7), ((20, 45), 20)])
+def test_truncated_svd_is_the_float64_top_k(shape, k):
+    (d,) = low_rank_deltas(1, *shape, rank=10, seed=11)
+    U, S, Vh = truncated_svd(d, k)
+    assert U.shape == (shape[0], k) and S.shape == (k,) and Vh.shape == (k, shape[1])
+    s_all = torch.linalg.svdvals(d)
+    torch.testing.assert_close(S, s_all[:k])
+    approx = U @ torch.diag(S) @ Vh
+    # Eckart–Young: the squared Frobenius error is the sum of the discarded squared singular values
+    torch.testing.assert_close(torch.linalg.norm(d - approx) ** 2, (s_all[k:] ** 2).sum())
+    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=d.dtype))
+
+
+def test_orthogonalize_is_nearest_orthonormal_and_equals_whitening():
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(50, 12, generator=gen, dtype=torch.float64)
+    q = orthogonalize(a)
+    torch.testing.assert_close(q.T @ q, torch.eye(12, dtype=torch.float64))
+    torch.testing.assert_close(q, a @ inv_sqrt_psd(a.T @ a))
+    wide = orthogonalize(a.T)  # rows orthonormal for a wide matrix
+    torch.testing.assert_close(wide @ wide.T, torch.eye(12, dtype=torch.float64))
+
+
+def test_rank_below_num_tasks_keeps_one_component_per_task():
+    deltas = low_rank_deltas(10, 6, 40, rank=2, seed=5)
+    assert default_rank((6, 40), 10) == 1
+    merged = tsv_merge_matrix(deltas)
+    assert merged.abs().max() > 0
+    factors = [truncated_svd(d, 1) for d in deltas]
+    U, S, Vh = concat_factors(factors)
+    assert U.shape == (6, 10) and S.shape == (10,) and Vh.shape == (10, 40)
+
+
+def test_concat_factors_column_and_row_order():
+    deltas = low_rank_deltas(3, 10, 8, rank=2, seed=9)
+    factors = [truncated_svd(d, 2) for d in deltas]
+    U, S, Vh = concat_factors(factors)
+    for i, f in enumerate(factors):
+        torch.testing.assert_close(U[:, 2 * i : 2 * i + 2], f.U)
+        torch.testing.assert_close(S[2 * i : 2 * i + 2], f.S)
+        torch.testing.assert_close(Vh[2 * i : 2 * i + 2], f.Vh)
+
+
+def test_inputs_are_not_modified():
+    deltas = low_rank_deltas(4, 16, 12, rank=3, seed=1)
+    before = [d.clone() for d in deltas]
+    tsv_merge_matrix(deltas)
+    truncated_svd(deltas[0], 3)
+    for d, b in zip(deltas, before):
+        assert torch.equal(d, b)
+
+
+def test_bad_input_errors():
+    deltas = low_rank_deltas(2, 8, 6, rank=2, seed=0)
+    with pytest.raises(ValueError, match="at least one"):
+        tsv_merge_matrix([])
+    with pytest.raises(ValueError, match=r"deltas\[1\]"):
+        tsv_merge_matrix([deltas[0], deltas[1][:, :5]])
+    with pytest.raises(ValueError, match="out of range"):
+        truncated_svd(deltas[0], 7)
+    with pytest.raises(ValueError, match="out of range"):
+        truncated_svd(deltas[0], 0)
+    with pytest.raises(ValueError, match="2-D"):
+        truncated_svd(torch.zeros(3, 3, 3), 1)
