@@ -13,7 +13,7 @@ Example (8 CLIP ViT-B/32 tasks, routed evaluation, compressed checkpoint in the 
 
     fusion_bench \
         method=tsv/tsv_compress \
-        method.save_path='{log_dir}/tsv_c' \
+        "method.save_path='{log_dir}/tsv_c'" \
         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only \
         taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8
 
@@ -188,7 +188,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
 
         checkpoint = None
         if self.save_path is not None:
-            checkpoint = self._format_path(self.save_path)
+            checkpoint = os.path.normpath(self._format_path(self.save_path))
             with self.profile("save checkpoint"):
                 save_compressed(
                     checkpoint, tasks, state_dict_of(pretrained),
