@@ -225,6 +225,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         if len(skipped) == len(names):
             raise ValueError(f"none of the modelpool's tasks {names} has a test set in the task pool ({available})")
 
+        self.evaluations = []
         per_task: Dict[str, Dict[str, Any]] = {}
         for task in tqdm(tasks, desc="TSV-C: routed evaluation", disable=not self.show_pbar):
             if task.name not in available:

@@ -6,7 +6,6 @@ import json
 import math
 import struct
 import typing
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
