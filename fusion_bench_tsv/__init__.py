@@ -11,6 +11,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "TSVMergeAlgorithm": "fusion_bench_tsv.tsv_merge",
+    "TSVCompressAlgorithm": "fusion_bench_tsv.tsv_compress",
 }
 
 __all__ = ["__version__", *_LAZY]
