@@ -4,6 +4,16 @@ No FusionBench, no I/O, no models: one matrix (or a list of per-task matrices) i
 Every algorithm of :mod:`fusion_bench_tsv` calls these.
 """
 
+from .interference import (
+    mean_pairwise_cosine,
+    pairwise_singular_task_interference,
+    pairwise_sti_from_factors,
+    singular_task_interference,
+    sti_from_factors,
+    task_cosine_similarity,
+    task_factors,
+    truncate_factors,
+)
 from .merge import tsv_merge_factors, tsv_merge_matrix
 from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, orthogonalize, truncated_svd
 
@@ -12,7 +22,15 @@ __all__ = [
     "compute_dtype",
     "concat_factors",
     "default_rank",
+    "mean_pairwise_cosine",
     "orthogonalize",
+    "pairwise_singular_task_interference",
+    "pairwise_sti_from_factors",
+    "singular_task_interference",
+    "sti_from_factors",
+    "task_cosine_similarity",
+    "task_factors",
+    "truncate_factors",
     "truncated_svd",
     "tsv_merge_factors",
     "tsv_merge_matrix",
