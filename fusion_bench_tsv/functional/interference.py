@@ -11,6 +11,10 @@ of the ``Tk × Tk`` matrix). It is 0 when the singular vectors of different task
 orthogonal, and TSV-M drives it to (numerically) 0 by replacing U and V with their nearest
 orthonormal matrices whenever ``Tk <= min(m, n)``.
 
+If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors (σ = 0) are an
+arbitrary basis of the null space and still enter :math:`U^\top U - I` against the other tasks,
+so STI then depends on that arbitrary choice (and e.g. on the SVD backend).
+
 Pure torch: no models, no I/O.
 """
 
