@@ -37,7 +37,7 @@ def per_layer_bars(
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8)
+    fig.legend(loc="outside lower center", ncols=m, fontsize=8)
     return fig
 
 
