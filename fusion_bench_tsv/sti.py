@@ -245,7 +245,8 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def analyse_layer(self, key: str, kept: list, k: int, device: torch.device):
         """One layer's CSV row and its T × T pairwise STI (raw and normalized, float64 on CPU)."""
         if self.full_rank:
-            full = [truncated_svd(d.to(device), min(d.shape)) for d in kept]
+            kept = [d.to(device) for d in kept]
+            full = [truncated_svd(d, min(d.shape)) for d in kept]
             factors = [truncate_factors(f, k) for f in full]
         else:
             full = None
@@ -256,15 +257,20 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
         m, n = factors[0].U.shape[0], factors[0].Vh.shape[1]
         row = {"layer": key, "shape": f"{m}x{n}", "k": k}
+        sigma_l1 = torch.stack([f.S.abs().sum() for f in factors])  # ‖Σᵢ‖₁ of each task at rank k
         row["sti_full"] = value(sti_from_factors(full)) if full else None
-        row["sti_full_normalized"] = value(sti_from_factors(full, normalized=True)) if full else None
+        row["sti_full_normalized"] = (
+            row["sti_full"] / value(sum(f.S.abs().sum() for f in full)) if full else None
+        )
         row["sti"] = value(sti_from_factors(factors))
-        row["sti_normalized"] = value(sti_from_factors(factors, normalized=True))
+        row["sti_normalized"] = row["sti"] / value(sigma_l1.sum())
         row["sti_decorrelated"] = value(sti_from_factors(factors, decorrelate=True))
-        row["sti_decorrelated_normalized"] = value(sti_from_factors(factors, normalized=True, decorrelate=True))
-        row["cosine_mean"] = value(mean_pairwise_cosine(task_cosine_similarity(full or factors)))
+        row["sti_decorrelated_normalized"] = row["sti_decorrelated"] / value(sigma_l1.sum())
+        row["cosine_mean"] = value(mean_pairwise_cosine(task_cosine_similarity(kept if full else factors)))
+        # normalized pairwise entry (i, j): STI of {i, j} / (‖Σᵢ‖₁ + ‖Σⱼ‖₁), as pairwise_sti_from_factors does
         pair = pairwise_sti_from_factors(factors).double().cpu()
-        pair_norm = pairwise_sti_from_factors(factors, normalized=True).double().cpu()
+        pair_sigma = sigma_l1.double().cpu()
+        pair_norm = pair / (pair_sigma[:, None] + pair_sigma[None, :])
         return row, pair, pair_norm
 
     def summarize(self, names: List[str], rows: List[dict], pairwise: Tensor, pairwise_normalized: Tensor) -> dict:

@@ -133,6 +133,7 @@ def test_cosine_similarity_from_factors():
     expected = torch.nn.functional.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
     got = task_cosine_similarity(task_factors(deltas, 9))
     torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(task_cosine_similarity(deltas), expected)
     torch.testing.assert_close(mean_pairwise_cosine(got), expected[[0, 0, 1], [1, 2, 2]].mean())
     # rank k: the cosine of the rank-k reconstructions
     factors = task_factors(deltas, 2)
@@ -186,6 +187,7 @@ def test_analysis_matches_functional(tmp_path):
     layers = ["0.weight", "2.weight"]
     assert [r["layer"] for r in results["layers"]] == layers
     pair_sum = torch.zeros(3, 3, dtype=torch.float64)
+    pair_norm = torch.zeros(3, 3, dtype=torch.float64)
     for row, key in zip(results["layers"], layers):
         deltas = [(pool[f"task_{i}"].state_dict()[key] - pool["_pretrained_"].state_dict()[key]).double() for i in range(3)]
         r = min(deltas[0].shape)
@@ -201,7 +203,11 @@ def test_analysis_matches_functional(tmp_path):
         cos = torch.nn.functional.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
         assert row["cosine_mean"] == pytest.approx(float(cos[[0, 0, 1], [1, 2, 2]].mean()), abs=1e-5)
         pair_sum += pairwise_singular_task_interference(deltas, r // 3)
+        pair_norm += pairwise_singular_task_interference(deltas, r // 3, normalized=True)
     torch.testing.assert_close(torch.tensor(results["pairwise"]["sti_sum"], dtype=torch.float64), pair_sum, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(results["pairwise"]["sti_normalized_mean"], dtype=torch.float64), pair_norm / 2, rtol=1e-4, atol=1e-6
+    )
 
     for name, model in pool.items():  # inputs never modified
         assert all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items())

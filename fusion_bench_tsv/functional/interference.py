@@ -105,8 +105,21 @@ def sti_from_factors(
         A 0-d tensor in the factors' dtype.
     """
     _check_tasks(len(factors), "STI")
-    X, S, Y = _interference_parts(factors, decorrelate)
-    sti = ((X * S) @ Y).abs().sum()
+    U, S, Vh = concat_factors(factors)
+    if decorrelate:
+        U, Vh = orthogonalize(U), orthogonalize(Vh)
+    (m, p), n = U.shape, Vh.shape[1]
+    if p > max(m, n):
+        # (UᵀU − I)Σ(VᵀV − I) = Uᵀ(UΣVᵀ)V − UᵀUΣ − ΣVᵀV + Σ costs p·m·n + p²·n instead of p³. Used
+        # only here (e.g. full rank), where p > min(m, n) keeps STI of the order of Σ: no cancellation.
+        gu, gv = U.T @ U, Vh @ Vh.T
+        prod = (U.T @ ((U * S) @ Vh)) @ Vh.T
+        prod -= gu * S[None, :] + S[:, None] * gv
+        prod.diagonal().add_(S)
+    else:
+        X, Y = _gram_minus_identity(U), _gram_minus_identity(Vh.T)
+        prod = (X * S) @ Y
+    sti = prod.abs().sum()
     return sti / S.abs().sum() if normalized else sti
 
 
@@ -174,24 +187,34 @@ def pairwise_singular_task_interference(
     return pairwise_sti_from_factors(task_factors(deltas, k), normalized=normalized, decorrelate=decorrelate)
 
 
-def task_cosine_similarity(factors: Sequence[SVDFactors]) -> Tensor:
-    r"""``T × T`` cosine similarity of the flattened reconstructions :math:`\hat\Delta_i = U_i\Sigma_iV_i^\top`.
+def task_cosine_similarity(factors: Sequence[SVDFactors | Tensor]) -> Tensor:
+    r"""``T × T`` cosine similarity of the flattened task matrices, or of the flattened
+    reconstructions :math:`\hat\Delta_i = U_i\Sigma_iV_i^\top` when given per-task factors.
 
-    Uses :math:`\langle\hat\Delta_i, \hat\Delta_j\rangle_F = \sum_{ab} \sigma_{ia}\,(U_i^\top U_j)_{ab}\,
+    For factors it uses :math:`\langle\hat\Delta_i, \hat\Delta_j\rangle_F = \sum_{ab} \sigma_{ia}\,(U_i^\top U_j)_{ab}\,
     \sigma_{jb}\,(V_i^\top V_j)_{ab}` and :math:`\lVert\hat\Delta_i\rVert_F^2 = \sum_a \sigma_{ia}^2`, so
     it never forms the matrices. With full-rank factors it is the exact cosine similarity of the task
     vectors of the layer. A task with a zero update has cosine 0 with every task.
     """
+    if isinstance(factors[0], Tensor):
+        flat = torch.stack([d.reshape(-1).to(compute_dtype(d.dtype)) for d in factors])
+        gram = flat @ flat.T
+    else:
+        gram = _factor_gram(factors)
+    norms = gram.diagonal().clamp_min(0).sqrt()
+    denom = norms[:, None] * norms[None, :]
+    return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(gram))
+
+
+def _factor_gram(factors: Sequence[SVDFactors]) -> Tensor:
+    """``T × T`` Frobenius inner products of the tasks' ``U_i Σ_i V_iᵀ`` from their factors."""
     U, S, Vh = concat_factors(factors)
     inner = (U.T @ U) * (Vh @ Vh.T) * S[:, None] * S[None, :]
     sizes = torch.tensor([f.S.numel() for f in factors])
     # sum the Tk × Tk entries into T × T task blocks
     owner = torch.repeat_interleave(torch.arange(len(factors)), sizes).to(U.device)
     onehot = torch.nn.functional.one_hot(owner, len(factors)).to(inner.dtype)
-    gram = onehot.T @ inner @ onehot
-    norms = gram.diagonal().clamp_min(0).sqrt()
-    denom = norms[:, None] * norms[None, :]
-    return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(gram))
+    return onehot.T @ inner @ onehot
 
 
 def mean_pairwise_cosine(similarity: Tensor) -> Tensor:
