@@ -10,6 +10,7 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
+    "STIAnalysis": "fusion_bench_tsv.sti",
     "TSVMergeAlgorithm": "fusion_bench_tsv.tsv_merge",
     "TSVCompressAlgorithm": "fusion_bench_tsv.tsv_compress",
 }

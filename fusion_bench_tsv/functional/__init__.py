@@ -13,6 +13,16 @@ from .compress import (
     layer_rank,
     reconstruct,
 )
+from .interference import (
+    mean_pairwise_cosine,
+    pairwise_singular_task_interference,
+    pairwise_sti_from_factors,
+    singular_task_interference,
+    sti_from_factors,
+    task_cosine_similarity,
+    task_factors,
+    truncate_factors,
+)
 from .merge import tsv_merge_factors, tsv_merge_matrix
 from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, orthogonalize, truncated_svd
 
@@ -27,8 +37,16 @@ __all__ = [
     "factor_numel",
     "fraction_rank",
     "layer_rank",
+    "mean_pairwise_cosine",
     "orthogonalize",
+    "pairwise_singular_task_interference",
+    "pairwise_sti_from_factors",
     "reconstruct",
+    "singular_task_interference",
+    "sti_from_factors",
+    "task_cosine_similarity",
+    "task_factors",
+    "truncate_factors",
     "truncated_svd",
     "tsv_merge_factors",
     "tsv_merge_matrix",
