@@ -7,6 +7,10 @@ without loading FusionBench.
 from importlib import import_module
 from typing import Any
 
+from .compat import ensure_typing_override
+
+ensure_typing_override()
+
 __version__ = "0.1.0"
 
 _LAZY = {

@@ -32,10 +32,8 @@ import csv
 import io
 import json
 import logging
-import os
-import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -47,7 +45,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from .functional import (
     SVDFactors,
     compute_dtype,
-    default_rank,
+    layer_rank,
     mean_pairwise_cosine,
     pairwise_sti_from_factors,
     sti_from_factors,
@@ -55,13 +53,13 @@ from .functional import (
     truncate_factors,
     truncated_svd,
 )
-from .streaming import check_finite, iter_finetuned_states, split_keys, state_dict_of
+from .atomic import write_atomic
+from .streaming import DEFAULT_EXCLUDE_KEYS, check_finite, iter_finetuned_states, split_keys, state_dict_of
 
 log = logging.getLogger(__name__)
 
-__all__ = ["STIAnalysis", "write_atomic"]
+__all__ = ["STIAnalysis"]
 
-DEFAULT_EXCLUDE_KEYS = ("*text_projection*",)  # the same default as TSV-M
 
 CSV_COLUMNS = [
     "layer",
@@ -75,19 +73,6 @@ CSV_COLUMNS = [
     "sti_decorrelated_normalized",
     "cosine_mean",
 ]
-
-
-def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def short_layer_names(keys: Sequence[str]) -> List[str]:
@@ -142,16 +127,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
 
     def layer_ranks(self, shapes: Dict[str, torch.Size], num_tasks: int) -> Dict[str, int]:
         """The per-task rank k of every matrix, validated against its shape."""
-        ranks = {}
-        for key, shape in shapes.items():
-            k = default_rank(shape, num_tasks) if self.rank is None else self.rank
-            if k > min(shape):
-                raise ValueError(
-                    f"option 'rank'={k} exceeds the rank of parameter '{key}' of shape {tuple(shape)} "
-                    f"(at most {min(shape)})"
-                )
-            ranks[key] = k
-        return ranks
+        return {key: layer_rank(shape, num_tasks, rank=self.rank, name=key) for key, shape in shapes.items()}
 
     def layer_groups(self, shapes: Dict[str, torch.Size], ranks: Dict[str, int], num_tasks: int, itemsize: int):
         """Consecutive groups of matrices whose kept tensors (all T tasks) fit ``max_memory_gb``."""

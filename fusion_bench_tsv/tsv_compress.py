@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from collections import Counter
 from copy import deepcopy
 from typing import Any, Dict, List, Optional, Sequence, Union
@@ -45,13 +44,13 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from .compressed_checkpoint import CompressedTask, build_task_model, save_compressed, storage_accounting
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
-from .streaming import check_finite, iter_finetuned_states, split_keys, state_dict_of
+from .atomic import write_atomic
+from .streaming import DEFAULT_EXCLUDE_KEYS, check_finite, iter_finetuned_states, split_keys, state_dict_of
 
 log = logging.getLogger(__name__)
 
 __all__ = ["TSVCompressAlgorithm"]
 
-DEFAULT_EXCLUDE_KEYS = ("*text_projection*",)
 REPORT_FILE = "tsv_compress_report.json"
 
 
@@ -280,11 +279,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
     def _write_report(self, report: Dict[str, Any]) -> None:
         if self.log_dir is None:
             return
-        path = os.path.join(self.log_dir, REPORT_FILE)
-        fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_FILE}.", dir=self.log_dir)
-        with os.fdopen(fd, "w") as fp:
-            json.dump(report, fp, indent=1)
-        os.replace(tmp, path)
+        path = write_atomic(os.path.join(self.log_dir, REPORT_FILE), lambda p: p.write_text(json.dumps(report, indent=1)))
         log.info(f"TSV-C: report written to {path}")
 
     def _log_setup(self, names, base, matrix_keys, other_keys, ranks, device) -> None:

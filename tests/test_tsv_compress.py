@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import struct
-import typing
 from types import SimpleNamespace
 
 import numpy as np
@@ -327,10 +326,8 @@ def _open_clip_encoder(seed: int):
 
 
 def test_routed_evaluation_open_clip_taskpool(monkeypatch):
-    import typing_extensions
+    import fusion_bench_tsv  # noqa: F401  (its compat shim lets fusion-bench's OpenCLIP code import on Python < 3.12)
 
-    # fusion-bench 0.2.33's OpenCLIP pool imports typing.override (Python >= 3.12 only)
-    monkeypatch.setattr(typing, "override", typing_extensions.override, raising=False)
     from fusion_bench.models.open_clip import ClassificationHead
     from fusion_bench.taskpool import OpenCLIPVisionModelTaskPool
 
