@@ -140,7 +140,7 @@ def build_benchmark(
         _publish(tmp, pre, s.pretrain_hash)
     clip = CLIPModel.from_pretrained(pre).eval()
     processor = CLIPProcessor.from_pretrained(pre)
-    scale = float(clip.logit_scale.exp())
+    scale = float(clip.logit_scale.detach().exp())
 
     report_path = out / "build.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}

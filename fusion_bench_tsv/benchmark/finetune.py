@@ -66,7 +66,7 @@ def finetune_vision_tower(
     vision = CLIPVisionModel(clip.config.vision_config)
     vision.vision_model.load_state_dict(clip.vision_model.state_dict())
     projection = clip.visual_projection.requires_grad_(False)
-    scale = float(clip.logit_scale.exp())
+    scale = float(clip.logit_scale.detach().exp())
     gen = torch.Generator().manual_seed(seed)
     pixels = to_pixel_values(images)
     targets = torch.from_numpy(labels)
