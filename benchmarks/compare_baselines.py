@@ -70,7 +70,9 @@ def run_program(method: str, n: int, overrides: Sequence[str] = (), split: str =
         cfg = compose("fabric_model_fusion", overrides=[
             f"method={method}", f"modelpool=CLIPVisionModelPool/tiny_clip_{n}",
             f"taskpool=CLIPVisionModelTaskPool/tiny_clip_{n}{suffix}", "print_config=false",
-            "print_function_call=false", "report_save_path=null", "fabric.loggers=null", *overrides])
+            "print_function_call=false", "report_save_path=null", "fabric.loggers=null",
+            # ${hydra:...} is unset outside the CLI's @hydra.main
+            f"path.log_dir={REPO / 'outputs' / 'compare_baselines'}", f"path.work_dir={REPO}", *overrides])
     with open_dict(cfg):
         if edit is not None:
             edit(cfg)

@@ -6,6 +6,7 @@ Layout under ``<root>/tiny_clip`` (``root``: ``--root``, else ``$FUSION_BENCH_TS
 - ``pretrained/``: the contrastively pretrained ``CLIPModel`` with tokenizer and image processor;
 - ``data/<task>/{train,validation,test}.parquet`` + ``classes.json`` (see :mod:`fusion_bench_tsv.local_data`);
 - ``models/<task>/``: the fine-tuned ``CLIPVisionModel`` of each task (``save_pretrained``);
+- ``openclip/``: the same models in the open_clip task-vector layout (:mod:`.openclip_export`);
 - ``build.json``: the settings and the accuracies measured while building.
 
 Every artefact carries a ``.build_hash`` stamp: the SHA-256 of the settings it depends on. A stage whose
@@ -32,7 +33,7 @@ __all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "mai
 
 log = logging.getLogger(__name__)
 
-BUILD_VERSION = 1  # bump when the generators or the training code change what they produce
+BUILD_VERSION = 2  # bump when the generators or the training code change what they produce
 STAMP = ".build_hash"
 ENV_VAR = "FUSION_BENCH_TSV_DATA"
 
@@ -105,6 +106,7 @@ def build_benchmark(
     root: Optional[os.PathLike] = None,
     settings: BuildSettings = BuildSettings(),
     show_pbar: bool = True,
+    export_openclip: bool = True,
 ) -> Path:
     """Build the first ``num_tasks`` tasks of :data:`~fusion_bench_tsv.benchmark.tasks.TASKS` (reusing
     what is already built with the same settings) and return the suite directory."""
@@ -120,7 +122,8 @@ def build_benchmark(
 
     if not 1 <= num_tasks <= len(TASKS):
         raise ValueError(f"num_tasks must be in 1..{len(TASKS)}, got {num_tasks}")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    # one thread: bit-identical weights whatever the machine, and no OpenMP oversubscription slow-down
+    torch.set_num_threads(1)
     out = suite_dir(root)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
@@ -141,6 +144,20 @@ def build_benchmark(
     clip = CLIPModel.from_pretrained(pre).eval()
     processor = CLIPProcessor.from_pretrained(pre)
     scale = float(clip.logit_scale.detach().exp())
+    projection = clip.visual_projection.weight.detach()
+    oc = out / "openclip"
+    if export_openclip and not _stamped(oc, s.pretrain_hash):
+        from transformers import CLIPVisionModel
+
+        from .openclip_export import make_image_encoder, save_module
+
+        tmp = out / ".openclip.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        base = CLIPVisionModel(clip.config.vision_config)
+        base.vision_model.load_state_dict(clip.vision_model.state_dict())
+        save_module(make_image_encoder(base, projection), tmp / "zeroshot.pt")
+        _publish(tmp, oc, s.pretrain_hash)
 
     report_path = out / "build.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -158,9 +175,11 @@ def build_benchmark(
             save_task_dataset(out / "data", tmp.name, {k: ([Image.fromarray(im) for im in x], y) for k, (x, y) in splits.items()},
                               task.classnames, task.templates)
             _publish(tmp, data_dir, s.data_hash(task.name))
+        head = zero_shot_head(clip, processor, task.classnames, task.templates)
+        if export_openclip and not _stamped(oc / task.name, s.finetune_hash(task.name)) and _stamped(model_dir, s.finetune_hash(task.name)):
+            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
         if _stamped(model_dir, s.finetune_hash(task.name)) and task.name in report["tasks"]:
             continue
-        head = zero_shot_head(clip, processor, task.classnames, task.templates)
         vision = finetune_vision_tower(clip, head, *splits["train"], steps=s.finetune_steps, batch_size=s.finetune_batch,
                                        lr=s.finetune_lr, seed=_seed(s, task.name, "finetune"),
                                        desc=f"fine-tuning {task.name}", show_pbar=show_pbar)
@@ -168,6 +187,8 @@ def build_benchmark(
         shutil.rmtree(tmp, ignore_errors=True)
         vision.save_pretrained(tmp)
         _publish(tmp, model_dir, s.finetune_hash(task.name))
+        if export_openclip:
+            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
         report["tasks"][task.name] = {
             "num_classes": task.num_classes,
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
@@ -180,17 +201,33 @@ def build_benchmark(
     return out
 
 
+def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head, scale: float, digest: str) -> None:
+    """``openclip/<task>/finetuned.pt`` and ``openclip/head_<task>.pt`` (see :mod:`.openclip_export`)."""
+    from transformers import CLIPVisionModel
+
+    from .openclip_export import make_classification_head, make_image_encoder, save_module
+
+    tmp = oc / f".{task}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_module(make_image_encoder(CLIPVisionModel.from_pretrained(model_dir), projection), tmp / "finetuned.pt")
+    save_module(make_classification_head(head, scale), oc / f"head_{task}.pt")
+    _publish(tmp, oc / task, digest)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-tasks", type=int, default=20, help="build the first N of the 20 tasks (8, 14 or 20)")
     parser.add_argument("--root", default=None, help=f"data root (default ${ENV_VAR} or ~/.cache/fusion_bench_tsv)")
     parser.add_argument("--no-pbar", action="store_true", help="no progress bars")
+    parser.add_argument("--no-openclip", action="store_true", help="skip the open_clip export")
     for f in dataclasses.fields(BuildSettings):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help="build setting")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
-    out = build_benchmark(args.num_tasks, args.root, settings, show_pbar=not args.no_pbar)
+    out = build_benchmark(args.num_tasks, args.root, settings, show_pbar=not args.no_pbar,
+                          export_openclip=not args.no_openclip)
     print(out)
 
 
