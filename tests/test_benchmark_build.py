@@ -121,3 +121,38 @@ def test_fusion_bench_cli_on_mini_build(mini_build, tmp_path):
     result = json.loads(report.read_text())
     for task in TASK_NAMES[:3]:
         assert 0.0 <= result[task]["accuracy"] <= 1.0
+
+
+def test_openclip_export_matches_hf_tower():
+    import torch
+    from transformers import CLIPVisionModel
+
+    from fusion_bench_tsv.benchmark.openclip_export import load_image_encoder, make_image_encoder, save_module
+    from fusion_bench_tsv.tiny_clip import make_tiny_clip
+
+    clip = make_tiny_clip(seed=1, hidden_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8, projection_dim=48)
+    vision = CLIPVisionModel(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    encoder = make_image_encoder(vision, clip.visual_projection.weight.detach())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip.visual_projection(vision(pixel_values=x).pooler_output)
+        torch.testing.assert_close(encoder(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cli
+def test_fusion_bench_cli_openclip_pool_on_mini_build(mini_build, tmp_path):
+    from fusion_bench_tsv.benchmark.configs import write_suite_configs
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    out, _ = mini_build
+    write_suite_configs(tmp_path / "config", suite_dir=str(out), sizes=[3], name="mini")
+    report = tmp_path / "report.json"
+    proc = run_fusion_bench(
+        ["--config-dir", str(tmp_path / "config"), "method=task_arithmetic", "modelpool=OpenCLIPVisionModelPool/mini_3",
+         "taskpool=OpenCLIPVisionModelTaskPool/mini_3", f"report_save_path={report}", "print_config=false"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert set(TASK_NAMES[:3]) <= set(result)

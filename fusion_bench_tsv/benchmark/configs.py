@@ -10,7 +10,8 @@ import os
 from pathlib import Path
 from typing import Optional, Sequence
 
-__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "taskpool_config", "write_suite_configs"]
+__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "taskpool_config", "openclip_modelpool_config",
+           "openclip_taskpool_config", "write_suite_configs"]
 
 # resolved by OmegaConf when FusionBench composes the config
 DEFAULT_SUITE_DIR = "${oc.env:FUSION_BENCH_TSV_DATA,${oc.env:HOME}/.cache/fusion_bench_tsv}/tiny_clip"
@@ -61,6 +62,33 @@ def taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, sp
     }
 
 
+def openclip_modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    def model(path: str) -> dict:
+        return {"_target_": "fusion_bench_tsv.benchmark.openclip_export.load_image_encoder",
+                "path": f"${{...suite_dir}}/openclip/{path}"}
+
+    return {
+        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_modelpool",  # OpenCLIPVisionModelPool
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "models": {"_pretrained_": model("zeroshot.pt"), **{t: model(f"{t}/finetuned.pt") for t in tasks}},
+        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+    }
+
+
+def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, split: str = "test",
+                             batch_size: int = 200) -> dict:
+    cfg = taskpool_config(tasks, suite_dir, split, batch_size)
+    return {
+        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_taskpool",  # OpenCLIPVisionModelTaskPool
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "test_datasets": cfg["test_datasets"],
+        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+        "dataloader_kwargs": cfg["dataloader_kwargs"],
+    }
+
+
 def _write(path: Path, header: str, cfg: dict) -> None:
     import yaml
 
@@ -87,6 +115,12 @@ def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_
         _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}_val.yaml",
                header.replace("# suite_dir", "# Validation splits (for choosing alpha).\n# suite_dir"),
                taskpool_config(tasks, suite_dir, split="validation"))
+        oc_header = header.replace("CLIPVisionModel", "OpenCLIPVisionModel").replace(
+            "# suite_dir", "# The open_clip task-vector layout (<suite_dir>/openclip).\n# suite_dir")
+        _write(config_dir / "modelpool" / "OpenCLIPVisionModelPool" / f"{name}_{n}.yaml", oc_header,
+               openclip_modelpool_config(tasks, suite_dir))
+        _write(config_dir / "taskpool" / "OpenCLIPVisionModelTaskPool" / f"{name}_{n}.yaml", oc_header,
+               openclip_taskpool_config(tasks, suite_dir))
 
 
 if __name__ == "__main__":

@@ -102,3 +102,30 @@ def save_module(module: torch.nn.Module, path: os.PathLike) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(module, tmp)
     os.replace(tmp, path)
+
+
+def _patch_typing_override() -> None:
+    """FusionBench 0.2.33's open_clip pool and task pool do ``from typing import override`` (Python ≥ 3.12);
+    on 3.10/3.11 give ``typing`` the identical ``typing_extensions.override`` before importing them."""
+    import typing
+
+    if not hasattr(typing, "override"):
+        from typing_extensions import override
+
+        typing.override = override
+
+
+def openclip_modelpool(**kwargs):
+    """``_target_`` for ``fusion_bench.modelpool.OpenCLIPVisionModelPool`` that also works on Python < 3.12."""
+    _patch_typing_override()
+    from fusion_bench.modelpool.openclip_vision.modelpool import OpenCLIPVisionModelPool
+
+    return OpenCLIPVisionModelPool(**kwargs)
+
+
+def openclip_taskpool(**kwargs):
+    """``_target_`` for ``fusion_bench.taskpool.OpenCLIPVisionModelTaskPool`` that also works on Python < 3.12."""
+    _patch_typing_override()
+    from fusion_bench.taskpool.openclip_vision.openclip_taskpool import OpenCLIPVisionModelTaskPool
+
+    return OpenCLIPVisionModelTaskPool(**kwargs)
