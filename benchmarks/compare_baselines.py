@@ -160,7 +160,7 @@ def plot(rows: List[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
     for m in [m for m in ROW_ORDER if any(r["method"] == m for r in rows)]:
         pts = sorted((r["num_tasks"], r["avg_accuracy"]) for r in rows if r["method"] == m)
         style = "-" if not m.endswith("_val_alpha") else "--"
@@ -171,7 +171,7 @@ def plot(rows: List[dict], path: Path) -> None:
     ax.set_xticks(sorted({r["num_tasks"] for r in rows}))
     ax.set_title("Offline tiny-CLIP benchmark (FusionBench pools)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, dpi=120)
