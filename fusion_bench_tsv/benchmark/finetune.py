@@ -65,7 +65,8 @@ def finetune_vision_tower(
     torch.manual_seed(seed)
     vision = CLIPVisionModel(clip.config.vision_config)
     vision.vision_model.load_state_dict(clip.vision_model.state_dict())
-    projection = clip.visual_projection.requires_grad_(False)
+    weight = clip.visual_projection.weight.detach()  # frozen, and ``clip`` is left untouched
+    projection = lambda f: f @ weight.T  # noqa: E731  (CLIP's projection has no bias)
     scale = float(clip.logit_scale.detach().exp())
     gen = torch.Generator().manual_seed(seed)
     pixels = to_pixel_values(images)
