@@ -1,0 +1,227 @@
+"""TSV-M beside FusionBench's baselines on the offline tiny-CLIP benchmark (8 / 14 / 20 tasks).
+
+Every row goes through FusionBench's program (``FabricModelFusionProgram``, composed by Hydra in-process
+exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionModelPool/tiny_clip_<n>`` and
+``taskpool=CLIPVisionModelTaskPool/tiny_clip_<n>``):
+
+- ``zero_shot``: ``method=dummy`` (the pretrained model); ``fine_tuned``: each fine-tuned model on its own task
+  (``method=dummy`` on a one-model pool). Both are measured once on the 20 tasks; the 8/14 suites use the same
+  test sets, so their rows are the first 8 / 14 entries.
+- ``simple_average``, ``task_arithmetic``, ``ties_merging``, ``fusion_bench_tsvm``
+  (``task_singular_vector/TaskSingularVectorMerging``), ``iso_cts`` (``isotropic_merging/iso_cts``) and our
+  ``tsv_merge`` (``tsv/tsv_merge``) with FusionBench's default hyper-parameters (TSV-M: α = 1.0);
+- ``<method>_val_alpha``: α (``scaling_factor`` / ``alpha``) chosen on the validation splits
+  (``taskpool=…/tiny_clip_<n>_val``) from ``--alphas`` (default 0.1 0.3 0.5 0.7 1.0 1.5 2.0 3.0, a coarse version
+  of the authors' 0.1…3.0 grid), then evaluated once on the test splits.
+- ``tsv_compress``: hook for TSV-C (``method=tsv/tsv_compress``, routed: task i evaluated with its own model);
+  added to :data:`METHODS` when that method lands.
+
+Writes ``<out>.json`` (rows: method, num_tasks, avg_accuracy, per_task, normalized_accuracy, alpha),
+``<out>.md`` and ``<out>.png``. ``--show N`` prints the stored table for N tasks, optionally beside a fresh
+``program_report.json`` (``--report``), which is what ``demo.sh`` does.
+
+    OMP_NUM_THREADS=2 python benchmarks/compare_baselines.py --sizes 8 14 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "benchmarks" / "results" / "tiny_clip"
+
+# name in the results → (FusionBench method config, the option that scales the merged update or None)
+METHODS: Dict[str, tuple] = {
+    "simple_average": ("simple_average", None),
+    "task_arithmetic": ("task_arithmetic", "scaling_factor"),
+    "ties_merging": ("ties_merging", "scaling_factor"),
+    "fusion_bench_tsvm": ("task_singular_vector/TaskSingularVectorMerging", "alpha"),
+    "iso_cts": ("isotropic_merging/iso_cts", "scaling_factor"),
+    "tsv_merge": ("tsv/tsv_merge", "alpha"),
+    # "tsv_compress": ("tsv/tsv_compress", None),  # TSV-C (routed): enable when method=tsv/tsv_compress exists
+}
+ALPHAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
+ROW_ORDER = ["zero_shot", "fine_tuned", "simple_average", "task_arithmetic", "task_arithmetic_val_alpha",
+             "ties_merging", "ties_merging_val_alpha", "fusion_bench_tsvm", "fusion_bench_tsvm_val_alpha",
+             "iso_cts", "iso_cts_val_alpha", "tsv_merge", "tsv_merge_val_alpha", "tsv_compress"]
+
+log = logging.getLogger("compare_baselines")
+
+
+def run_program(method: str, n: int, overrides: Sequence[str] = (), split: str = "test", edit=None) -> Dict[str, float]:
+    """Compose and run FusionBench's program in-process; return {task: accuracy}."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import OmegaConf, open_dict
+
+    from fusion_bench.utils import instantiate
+    from fusion_bench.utils.hydra_utils import get_default_config_path
+
+    suffix = "_val" if split == "validation" else ""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(get_default_config_path()), version_base=None):
+        cfg = compose("fabric_model_fusion", overrides=[
+            f"method={method}", f"modelpool=CLIPVisionModelPool/tiny_clip_{n}",
+            f"taskpool=CLIPVisionModelTaskPool/tiny_clip_{n}{suffix}", "print_config=false",
+            "print_function_call=false", "report_save_path=null", "fabric.loggers=null",
+            # ${hydra:...} is unset outside the CLI's @hydra.main
+            f"path.log_dir={REPO / 'outputs' / 'compare_baselines'}", f"path.work_dir={REPO}", *overrides])
+    with open_dict(cfg):
+        if edit is not None:
+            edit(cfg)
+        OmegaConf.resolve(cfg)
+    program = instantiate(cfg)
+    report = program.run()["report"]
+    return {k: float(v["accuracy"]) for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
+
+
+def _row(method: str, n: int, per_task: Dict[str, float], fine_tuned: Dict[str, float], alpha=None) -> dict:
+    tasks = list(per_task)
+    return {
+        "method": method,
+        "num_tasks": n,
+        "avg_accuracy": 100 * sum(per_task.values()) / len(tasks),
+        "normalized_accuracy": 100 * sum(per_task[t] / fine_tuned[t] for t in tasks) / len(tasks),
+        "alpha": alpha,
+        "per_task": {t: 100 * per_task[t] for t in tasks},
+    }
+
+
+def compare(sizes: Sequence[int], alphas: Sequence[float], methods: Sequence[str], val_alpha: bool = True) -> List[dict]:
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    biggest = max(sizes)
+    zero = run_program("dummy", biggest)
+    fine: Dict[str, float] = {}
+    for task in TASK_NAMES[:biggest]:
+        def one_model(cfg, task=task):
+            cfg.modelpool.models = {"_pretrained_": cfg.modelpool.models[task]}
+            cfg.taskpool.test_datasets = {task: cfg.taskpool.test_datasets[task]}
+        fine.update(run_program("dummy", biggest, edit=one_model))
+    rows = []
+    for n in sizes:
+        tasks = TASK_NAMES[:n]
+        ft = {t: fine[t] for t in tasks}
+        rows.append(_row("zero_shot", n, {t: zero[t] for t in tasks}, ft))
+        rows.append(_row("fine_tuned", n, ft, ft))
+        for name in methods:
+            config, knob = METHODS[name]
+            t0 = time.time()
+            rows.append(_row(name, n, run_program(config, n), ft))
+            log.info("%s, %d tasks: %.2f (%.0f s)", name, n, rows[-1]["avg_accuracy"], time.time() - t0)
+            if knob is None or not val_alpha:
+                continue
+            scores = {}
+            for a in alphas:
+                val = run_program(config, n, [f"method.{knob}={a}"], split="validation")
+                scores[a] = sum(val.values()) / len(val)
+            best = max(scores, key=lambda a: (scores[a], -abs(a - 1.0)))
+            row = _row(f"{name}_val_alpha", n, run_program(config, n, [f"method.{knob}={best}"]), ft, alpha=best)
+            row["validation_avg_accuracy_by_alpha"] = {str(a): 100 * s for a, s in scores.items()}
+            rows.append(row)
+            log.info("%s_val_alpha, %d tasks: α=%s → %.2f", name, n, best, row["avg_accuracy"])
+    return rows
+
+
+def markdown(rows: List[dict], extra: Optional[dict] = None) -> str:
+    sizes = sorted({r["num_tasks"] for r in rows})
+    by = {(r["method"], r["num_tasks"]): r for r in rows}
+    methods = [m for m in ROW_ORDER if any((m, n) in by for n in sizes)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    head = "| method | " + " | ".join(f"{n} tasks: acc (norm.)" for n in sizes) + " |"
+    lines = [head, "|---|" + "---|" * len(sizes)]
+    for m in methods:
+        cells = []
+        for n in sizes:
+            r = by.get((m, n))
+            if r is None:
+                cells.append("–")
+                continue
+            a = f" α={r['alpha']}" if r.get("alpha") is not None else ""
+            cells.append(f"{r['avg_accuracy']:.1f} ({r['normalized_accuracy']:.1f}){a}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    if extra is not None:
+        lines.append(f"| **{extra['method']}** | " + " | ".join(
+            f"**{extra['avg_accuracy']:.1f} ({extra['normalized_accuracy']:.1f})**" if n == extra["num_tasks"] else "–"
+            for n in sizes) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: List[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for m in [m for m in ROW_ORDER if any(r["method"] == m for r in rows)]:
+        pts = sorted((r["num_tasks"], r["avg_accuracy"]) for r in rows if r["method"] == m)
+        style = "-" if not m.endswith("_val_alpha") else "--"
+        width = 2.5 if m.startswith("tsv") else 1.2
+        ax.plot(*zip(*pts), style, marker="o", lw=width, label=m)
+    ax.set_xlabel("number of tasks")
+    ax.set_ylabel("average test accuracy (%)")
+    ax.set_xticks(sorted({r["num_tasks"] for r in rows}))
+    ax.set_title("Offline tiny-CLIP benchmark (FusionBench pools)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=120)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=int, nargs="+", default=[8, 14, 20])
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--no-val-alpha", action="store_true", help="skip the validation sweeps")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output prefix (.json/.md/.png)")
+    p.add_argument("--show", type=int, default=None, help="print the stored table of this suite size and exit")
+    p.add_argument("--report", type=Path, default=None, help="with --show: a fusion_bench program_report.json to add")
+    p.add_argument("--label", default="tsv_merge (this run)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.show is not None:
+        rows = [r for r in json.loads(args.out.with_suffix(".json").read_text()) if r["num_tasks"] == args.show]
+        extra = None
+        if args.report is not None:
+            rep = json.loads(args.report.read_text())
+            acc = {k: v["accuracy"] for k, v in rep.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
+            ft = next(r for r in rows if r["method"] == "fine_tuned")["per_task"]
+            extra = _row(args.label, args.show, acc, {t: ft[t] / 100 for t in acc})
+        print(markdown(rows, extra))
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import torch
+
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    t0 = time.time()
+    rows = compare(args.sizes, args.alphas, args.methods, val_alpha=not args.no_val_alpha)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(args.out.with_suffix(".json"), json.dumps(rows, indent=1))
+    table = markdown(rows)
+    _atomic_write(args.out.with_suffix(".md"), table)
+    plot(rows, args.out.with_suffix(".png"))
+    print(table)
+    log.info("done in %.0f s", time.time() - t0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,235 @@
+"""Build (or reuse) the offline tiny-CLIP benchmark: ``fusion-bench-tsv-build --num-tasks 8``.
+
+Layout under ``<root>/tiny_clip`` (``root``: ``--root``, else ``$FUSION_BENCH_TSV_DATA``, else
+``~/.cache/fusion_bench_tsv``), which the YAML configs in ``config/*/…/tiny_clip_{8,14,20}.yaml`` read:
+
+- ``pretrained/``: the contrastively pretrained ``CLIPModel`` with tokenizer and image processor;
+- ``data/<task>/{train,validation,test}.parquet`` + ``classes.json`` (see :mod:`fusion_bench_tsv.local_data`);
+- ``models/<task>/``: the fine-tuned ``CLIPVisionModel`` of each task (``save_pretrained``);
+- ``openclip/``: the same models in the open_clip task-vector layout (:mod:`.openclip_export`);
+- ``build.json``: the settings and the accuracies measured while building.
+
+Every artefact carries a ``.build_hash`` stamp: the SHA-256 of the settings it depends on. A stage whose
+stamp matches is reused, so building 20 tasks after 8 only adds 12; a change of settings rebuilds what it
+touches. Training is seeded and single-process, so the same settings give the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+
+__all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "main"]
+
+log = logging.getLogger(__name__)
+
+BUILD_VERSION = 2  # bump when the generators or the training code change what they produce
+STAMP = ".build_hash"
+ENV_VAR = "FUSION_BENCH_TSV_DATA"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+    """Everything the built artefacts depend on (their content hash is taken over these fields)."""
+
+    seed: int = 0
+    image_size: int = 32
+    patch_size: int = 8
+    width: int = 64
+    layers: int = 2
+    heads: int = 2
+    projection_dim: int = 64
+    pretrain_steps: int = 300
+    pretrain_batch: int = 64
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 300
+    finetune_batch: int = 64
+    finetune_lr: float = 1e-3
+    train_size: int = 500
+    val_size: int = 100
+    test_size: int = 200
+
+    def digest(self, *fields: str, extra: str = "") -> str:
+        values = {f: getattr(self, f) for f in fields}
+        blob = json.dumps({"v": BUILD_VERSION, **values, "extra": extra}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def pretrain_hash(self) -> str:
+        return self.digest("seed", "image_size", "patch_size", "width", "layers", "heads", "projection_dim",
+                           "pretrain_steps", "pretrain_batch", "pretrain_lr")
+
+    def data_hash(self, task: str) -> str:
+        return self.digest("seed", "image_size", "train_size", "val_size", "test_size", extra=task)
+
+    def finetune_hash(self, task: str) -> str:
+        return self.digest("finetune_steps", "finetune_batch", "finetune_lr",
+                           extra=f"{self.pretrain_hash}/{self.data_hash(task)}")
+
+
+def default_root() -> Path:
+    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "fusion_bench_tsv")
+
+
+def suite_dir(root: Optional[os.PathLike] = None) -> Path:
+    return Path(root if root is not None else default_root()) / "tiny_clip"
+
+
+def _stamped(path: Path, digest: str) -> bool:
+    return (path / STAMP).is_file() and (path / STAMP).read_text().strip() == digest
+
+
+def _publish(tmp: Path, final: Path, digest: str) -> None:
+    """Stamp ``tmp`` and move it to ``final`` (replacing a stale one)."""
+    (tmp / STAMP).write_text(digest)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def _seed(settings: BuildSettings, *parts: str) -> int:
+    return int(hashlib.sha256("/".join([str(settings.seed), *parts]).encode()).hexdigest()[:8], 16)
+
+
+def build_benchmark(
+    num_tasks: int = 20,
+    root: Optional[os.PathLike] = None,
+    settings: BuildSettings = BuildSettings(),
+    show_pbar: bool = True,
+    export_openclip: bool = True,
+) -> Path:
+    """Build the first ``num_tasks`` tasks of :data:`~fusion_bench_tsv.benchmark.tasks.TASKS` (reusing
+    what is already built with the same settings) and return the suite directory."""
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import CLIPModel, CLIPProcessor
+
+    from ..local_data import save_task_dataset
+    from ..tiny_clip import clip_tokenizer, make_tiny_clip, save_clip
+    from .finetune import accuracy, finetune_vision_tower, zero_shot_head
+    from .pretrain import pretrain_clip
+    from .tasks import TASKS, make_split
+
+    if not 1 <= num_tasks <= len(TASKS):
+        raise ValueError(f"num_tasks must be in 1..{len(TASKS)}, got {num_tasks}")
+    # one thread: bit-identical weights whatever the machine, and no OpenMP oversubscription slow-down
+    torch.set_num_threads(1)
+    out = suite_dir(root)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("data", "models"):
+        (out / sub).mkdir(exist_ok=True)
+    s = settings
+    t0 = time.time()
+
+    pre = out / "pretrained"
+    if not _stamped(pre, s.pretrain_hash):
+        clip = make_tiny_clip(seed=s.seed, hidden_size=s.width, num_layers=s.layers, num_heads=s.heads,
+                              image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
+        pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
+                      seed=_seed(s, "pretrain"), show_pbar=show_pbar)
+        tmp = out / ".pretrained.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_clip(clip, tmp)
+        _publish(tmp, pre, s.pretrain_hash)
+    clip = CLIPModel.from_pretrained(pre).eval()
+    processor = CLIPProcessor.from_pretrained(pre)
+    scale = float(clip.logit_scale.detach().exp())
+    projection = clip.visual_projection.weight.detach()
+    oc = out / "openclip"
+    if export_openclip and not _stamped(oc, s.pretrain_hash):
+        from transformers import CLIPVisionModel
+
+        from .openclip_export import make_image_encoder, save_module
+
+        tmp = out / ".openclip.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        base = CLIPVisionModel(clip.config.vision_config)
+        base.vision_model.load_state_dict(clip.vision_model.state_dict())
+        save_module(make_image_encoder(base, projection), tmp / "zeroshot.pt")
+        _publish(tmp, oc, s.pretrain_hash)
+
+    report_path = out / "build.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if report.get("settings") != dataclasses.asdict(s):
+        report = {"settings": dataclasses.asdict(s), "tasks": {}}
+    for task in tqdm(TASKS[:num_tasks], desc="building tasks", disable=not show_pbar):
+        data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
+        splits = {name: make_split(task, n, s.image_size, _seed(s, task.name, name))
+                  for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
+        if not _stamped(data_dir, s.data_hash(task.name)):
+            tmp = out / "data" / f".{task.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            from PIL import Image
+
+            save_task_dataset(out / "data", tmp.name, {k: ([Image.fromarray(im) for im in x], y) for k, (x, y) in splits.items()},
+                              task.classnames, task.templates)
+            _publish(tmp, data_dir, s.data_hash(task.name))
+        head = zero_shot_head(clip, processor, task.classnames, task.templates)
+        if export_openclip and not _stamped(oc / task.name, s.finetune_hash(task.name)) and _stamped(model_dir, s.finetune_hash(task.name)):
+            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
+        if _stamped(model_dir, s.finetune_hash(task.name)) and task.name in report["tasks"]:
+            continue
+        vision = finetune_vision_tower(clip, head, *splits["train"], steps=s.finetune_steps, batch_size=s.finetune_batch,
+                                       lr=s.finetune_lr, seed=_seed(s, task.name, "finetune"),
+                                       desc=f"fine-tuning {task.name}", show_pbar=show_pbar)
+        tmp = out / "models" / f".{task.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        vision.save_pretrained(tmp)
+        _publish(tmp, model_dir, s.finetune_hash(task.name))
+        if export_openclip:
+            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
+        report["tasks"][task.name] = {
+            "num_classes": task.num_classes,
+            "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
+            "fine_tuned_test": accuracy(vision.vision_model, clip.visual_projection, head, scale, *splits["test"]),
+        }
+        tmp_report = out / ".build.json.tmp"
+        tmp_report.write_text(json.dumps(report, indent=1))
+        os.replace(tmp_report, report_path)
+    log.info("benchmark with %d tasks ready at %s (%.0f s)", num_tasks, out, time.time() - t0)
+    return out
+
+
+def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head, scale: float, digest: str) -> None:
+    """``openclip/<task>/finetuned.pt`` and ``openclip/head_<task>.pt`` (see :mod:`.openclip_export`)."""
+    from transformers import CLIPVisionModel
+
+    from .openclip_export import make_classification_head, make_image_encoder, save_module
+
+    tmp = oc / f".{task}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_module(make_image_encoder(CLIPVisionModel.from_pretrained(model_dir), projection), tmp / "finetuned.pt")
+    save_module(make_classification_head(head, scale), oc / f"head_{task}.pt")
+    _publish(tmp, oc / task, digest)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-tasks", type=int, default=20, help="build the first N of the 20 tasks (8, 14 or 20)")
+    parser.add_argument("--root", default=None, help=f"data root (default ${ENV_VAR} or ~/.cache/fusion_bench_tsv)")
+    parser.add_argument("--no-pbar", action="store_true", help="no progress bars")
+    parser.add_argument("--no-openclip", action="store_true", help="skip the open_clip export")
+    for f in dataclasses.fields(BuildSettings):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help="build setting")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    settings = BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
+    out = build_benchmark(args.num_tasks, args.root, settings, show_pbar=not args.no_pbar,
+                          export_openclip=not args.no_openclip)
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

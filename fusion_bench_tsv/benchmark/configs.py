@@ -1,0 +1,127 @@
+"""Modelpool / taskpool YAML for the tiny-CLIP suites (``tiny_clip_{8,14,20}``).
+
+The committed files in ``config/`` are written by ``python -m fusion_bench_tsv.benchmark.configs``;
+:func:`write_suite_configs` also writes them for any other build directory (the tests' mini build).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Sequence
+
+__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "taskpool_config", "openclip_modelpool_config",
+           "openclip_taskpool_config", "write_suite_configs"]
+
+# resolved by OmegaConf when FusionBench composes the config
+DEFAULT_SUITE_DIR = "${oc.env:FUSION_BENCH_TSV_DATA,${oc.env:HOME}/.cache/fusion_bench_tsv}/tiny_clip"
+SUITE_SIZES = (8, 14, 20)
+
+_HEADER = """\
+# =============================================================================
+# Offline tiny-CLIP benchmark, first {n} tasks ({tasks})
+# =============================================================================
+# Built by `fusion-bench-tsv-build --num-tasks {n}` (fusion_bench_tsv.benchmark.build).
+# suite_dir: the build directory; set FUSION_BENCH_TSV_DATA=<root> to use <root>/tiny_clip
+# (default ~/.cache/fusion_bench_tsv/tiny_clip).
+#
+#   fusion_bench method=tsv/tsv_merge modelpool=CLIPVisionModelPool/tiny_clip_{n} \\
+#     taskpool=CLIPVisionModelTaskPool/tiny_clip_{n}
+# =============================================================================
+"""
+
+
+def modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    return {
+        "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "processor": "${.suite_dir}/pretrained",
+        "models": {"_pretrained_": "${..suite_dir}/pretrained", **{t: f"${{..suite_dir}}/models/{t}" for t in tasks}},
+        "platform": "hf",
+    }
+
+
+def taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, split: str = "test",
+                    batch_size: int = 200) -> dict:
+    return {
+        "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "test_datasets": {
+            t: {"_target_": "fusion_bench_tsv.local_data.load_task_dataset", "root": "${...suite_dir}/data",
+                "task": t, "split": split}
+            for t in tasks
+        },
+        "base_model": "${.suite_dir}/pretrained",
+        "clip_model": {"_target_": "transformers.CLIPModel.from_pretrained",
+                       "pretrained_model_name_or_path": "${..base_model}"},
+        "processor": {"_target_": "transformers.CLIPProcessor.from_pretrained",
+                      "pretrained_model_name_or_path": "${..base_model}"},
+        "dataloader_kwargs": {"batch_size": batch_size, "num_workers": 0, "shuffle": False},
+    }
+
+
+def openclip_modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    def model(path: str) -> dict:
+        return {"_target_": "fusion_bench_tsv.benchmark.openclip_export.load_image_encoder",
+                "path": f"${{...suite_dir}}/openclip/{path}"}
+
+    return {
+        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_modelpool",  # OpenCLIPVisionModelPool
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "models": {"_pretrained_": model("zeroshot.pt"), **{t: model(f"{t}/finetuned.pt") for t in tasks}},
+        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+    }
+
+
+def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, split: str = "test",
+                             batch_size: int = 200) -> dict:
+    cfg = taskpool_config(tasks, suite_dir, split, batch_size)
+    return {
+        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_taskpool",  # OpenCLIPVisionModelTaskPool
+        "_recursive_": False,
+        "suite_dir": str(suite_dir),
+        "test_datasets": cfg["test_datasets"],
+        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+        "dataloader_kwargs": cfg["dataloader_kwargs"],
+    }
+
+
+def _write(path: Path, header: str, cfg: dict) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=120))
+    os.replace(tmp, path)
+
+
+def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_DIR,
+                        sizes: Sequence[int] = SUITE_SIZES, name: str = "tiny_clip") -> None:
+    """Write ``modelpool/CLIPVisionModelPool/<name>_<n>.yaml`` and ``taskpool/CLIPVisionModelTaskPool/<name>_<n>.yaml``
+    (plus ``<name>_<n>_val.yaml`` on the validation splits) for each suite size ``n``."""
+    from .tasks import TASK_NAMES
+
+    config_dir = Path(config_dir)
+    for n in sizes:
+        tasks = TASK_NAMES[:n]
+        header = _HEADER.format(n=n, tasks=", ".join(tasks))
+        _write(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}_{n}.yaml", header,
+               modelpool_config(tasks, suite_dir))
+        _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}.yaml", header,
+               taskpool_config(tasks, suite_dir))
+        _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}_val.yaml",
+               header.replace("# suite_dir", "# Validation splits (for choosing alpha).\n# suite_dir"),
+               taskpool_config(tasks, suite_dir, split="validation"))
+        oc_header = header.replace("CLIPVisionModel", "OpenCLIPVisionModel").replace(
+            "# suite_dir", "# The open_clip task-vector layout (<suite_dir>/openclip).\n# suite_dir")
+        _write(config_dir / "modelpool" / "OpenCLIPVisionModelPool" / f"{name}_{n}.yaml", oc_header,
+               openclip_modelpool_config(tasks, suite_dir))
+        _write(config_dir / "taskpool" / "OpenCLIPVisionModelTaskPool" / f"{name}_{n}.yaml", oc_header,
+               openclip_taskpool_config(tasks, suite_dir))
+
+
+if __name__ == "__main__":
+    write_suite_configs(Path(__file__).resolve().parents[2] / "config")

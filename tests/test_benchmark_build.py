@@ -1,0 +1,158 @@
+"""The offline tiny-CLIP benchmark: task generators, a 3-task mini build, its cache, determinism and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT, run_fusion_bench
+
+MINI = dict(pretrain_steps=20, pretrain_batch=32, finetune_steps=15, finetune_batch=16,
+            train_size=48, val_size=12, test_size=24)
+
+
+def test_tasks_are_distinct_and_deterministic():
+    from fusion_bench_tsv.benchmark.tasks import TASKS, make_split
+
+    assert len(TASKS) == 20 and len({t.name for t in TASKS}) == 20
+    assert len({t.num_classes for t in TASKS}) >= 5  # different class counts
+    for task in TASKS:
+        a, ya = make_split(task, 2 * task.num_classes, 32, seed=3)
+        b, yb = make_split(task, 2 * task.num_classes, 32, seed=3)
+        assert a.shape == (2 * task.num_classes, 32, 32, 3) and a.dtype == np.uint8
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ya, yb)
+        assert sorted(set(ya.tolist())) == list(range(task.num_classes)), task.name
+
+
+def test_classnames_tokenize_without_unknown_tokens():
+    from fusion_bench_tsv.benchmark.tasks import TASKS
+    from fusion_bench_tsv.tiny_clip import clip_tokenizer
+
+    tok = clip_tokenizer()
+    for task in TASKS:
+        for name in task.classnames:
+            ids = tok(task.templates[0].format(name))["input_ids"]
+            assert tok.unk_token_id not in ids[1:-1], (task.name, name)
+
+
+def test_pixel_values_match_clip_image_processor():
+    from PIL import Image
+
+    from fusion_bench_tsv.benchmark.pretrain import to_pixel_values
+    from fusion_bench_tsv.benchmark.tasks import TASKS, make_split
+    from fusion_bench_tsv.tiny_clip import clip_processor
+
+    images, _ = make_split(TASKS[2], 4, 32, seed=0)
+    ref = clip_processor(32)(images=[Image.fromarray(x) for x in images], return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(to_pixel_values(images).numpy(), ref.numpy(), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def mini_build(tmp_path_factory):
+    from fusion_bench_tsv.benchmark.build import BuildSettings, build_benchmark
+
+    root = tmp_path_factory.mktemp("bench")
+    settings = BuildSettings(**MINI)
+    return build_benchmark(3, root, settings, show_pbar=False), settings
+
+
+def test_mini_build_layout_and_cache(mini_build):
+    from fusion_bench_tsv.benchmark.build import build_benchmark
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    out, settings = mini_build
+    assert (out / "pretrained" / "config.json").is_file()
+    for task in TASK_NAMES[:3]:
+        for split in ("train", "validation", "test"):
+            assert (out / "data" / task / f"{split}.parquet").is_file()
+        assert (out / "models" / task / "config.json").is_file()
+    report = json.loads((out / "build.json").read_text())
+    assert set(report["tasks"]) == set(TASK_NAMES[:3])
+    weights = out / "models" / TASK_NAMES[0] / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    build_benchmark(3, out.parent, settings, show_pbar=False)  # same settings: everything reused
+    assert weights.stat().st_mtime_ns == before
+
+
+def test_rebuild_gives_the_same_weights(mini_build, tmp_path):
+    from safetensors.torch import load_file
+
+    from fusion_bench_tsv.benchmark.build import BuildSettings, build_benchmark
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    out, settings = mini_build
+    other = build_benchmark(1, tmp_path, settings, show_pbar=False)
+    a = load_file(out / "models" / TASK_NAMES[0] / "model.safetensors")
+    b = load_file(other / "models" / TASK_NAMES[0] / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert (a[k] == b[k]).all(), k
+    # a different fine-tuning setting is a different content hash
+    assert BuildSettings(**{**MINI, "finetune_lr": 3e-3}).finetune_hash("shapes") != settings.finetune_hash("shapes")
+
+
+def test_committed_configs_are_current(tmp_path):
+    from fusion_bench_tsv.benchmark.configs import write_suite_configs
+
+    write_suite_configs(tmp_path)
+    for path in tmp_path.rglob("*.yaml"):
+        committed = REPO_ROOT / "config" / path.relative_to(tmp_path)
+        assert committed.is_file() and committed.read_text() == path.read_text(), committed
+
+
+@pytest.mark.cli
+def test_fusion_bench_cli_on_mini_build(mini_build, tmp_path):
+    from fusion_bench_tsv.benchmark.configs import write_suite_configs
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    out, _ = mini_build
+    write_suite_configs(tmp_path / "config", suite_dir=str(out), sizes=[3], name="mini")
+    report = tmp_path / "report.json"
+    proc = run_fusion_bench(
+        ["--config-dir", str(tmp_path / "config"), "method=tsv/tsv_merge", "modelpool=CLIPVisionModelPool/mini_3",
+         "taskpool=CLIPVisionModelTaskPool/mini_3", f"report_save_path={report}", "print_config=false"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    for task in TASK_NAMES[:3]:
+        assert 0.0 <= result[task]["accuracy"] <= 1.0
+
+
+def test_openclip_export_matches_hf_tower():
+    import torch
+    from transformers import CLIPVisionModel
+
+    from fusion_bench_tsv.benchmark.openclip_export import load_image_encoder, make_image_encoder, save_module
+    from fusion_bench_tsv.tiny_clip import make_tiny_clip
+
+    clip = make_tiny_clip(seed=1, hidden_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8, projection_dim=48)
+    vision = CLIPVisionModel(clip.config.vision_config)
+    vision.vision_model.load_state_dict(clip.vision_model.state_dict())
+    encoder = make_image_encoder(vision, clip.visual_projection.weight.detach())
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        ref = clip.visual_projection(vision(pixel_values=x).pooler_output)
+        torch.testing.assert_close(encoder(x), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.cli
+def test_fusion_bench_cli_openclip_pool_on_mini_build(mini_build, tmp_path):
+    from fusion_bench_tsv.benchmark.configs import write_suite_configs
+    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+
+    out, _ = mini_build
+    write_suite_configs(tmp_path / "config", suite_dir=str(out), sizes=[3], name="mini")
+    report = tmp_path / "report.json"
+    proc = run_fusion_bench(
+        ["--config-dir", str(tmp_path / "config"), "method=task_arithmetic", "modelpool=OpenCLIPVisionModelPool/mini_3",
+         "taskpool=OpenCLIPVisionModelTaskPool/mini_3", f"report_save_path={report}", "print_config=false"],
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(report.read_text())
+    assert set(TASK_NAMES[:3]) <= set(result)
