@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -127,7 +126,7 @@ def test_openclip_export_matches_hf_tower():
     import torch
     from transformers import CLIPVisionModel
 
-    from fusion_bench_tsv.benchmark.openclip_export import load_image_encoder, make_image_encoder, save_module
+    from fusion_bench_tsv.benchmark.openclip_export import make_image_encoder
     from fusion_bench_tsv.tiny_clip import make_tiny_clip
 
     clip = make_tiny_clip(seed=1, hidden_size=64, num_layers=2, num_heads=2, image_size=32, patch_size=8, projection_dim=48)

@@ -25,9 +25,8 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Optional
 
-import numpy as np
 
 __all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "main"]
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
+
+from ..atomic import write_atomic
 
 __all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "taskpool_config", "openclip_modelpool_config",
            "openclip_taskpool_config", "write_suite_configs"]
@@ -68,7 +70,7 @@ def openclip_modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUI
                 "path": f"${{...suite_dir}}/openclip/{path}"}
 
     return {
-        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_modelpool",  # OpenCLIPVisionModelPool
+        "_target_": "fusion_bench.modelpool.OpenCLIPVisionModelPool",
         "_recursive_": False,
         "suite_dir": str(suite_dir),
         "models": {"_pretrained_": model("zeroshot.pt"), **{t: model(f"{t}/finetuned.pt") for t in tasks}},
@@ -80,7 +82,7 @@ def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUIT
                              batch_size: int = 200) -> dict:
     cfg = taskpool_config(tasks, suite_dir, split, batch_size)
     return {
-        "_target_": "fusion_bench_tsv.benchmark.openclip_export.openclip_taskpool",  # OpenCLIPVisionModelTaskPool
+        "_target_": "fusion_bench.taskpool.OpenCLIPVisionModelTaskPool",
         "_recursive_": False,
         "suite_dir": str(suite_dir),
         "test_datasets": cfg["test_datasets"],
@@ -92,10 +94,7 @@ def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUIT
 def _write(path: Path, header: str, cfg: dict) -> None:
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=120))
-    os.replace(tmp, path)
+    write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=120)))
 
 
 def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_DIR,

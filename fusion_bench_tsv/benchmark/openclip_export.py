@@ -17,10 +17,11 @@ Weight mapping (HF ``CLIPVisionTransformer`` → open_clip ``VisionTransformer``
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Dict
 
 import torch
+
+from ..atomic import write_atomic
 
 __all__ = ["hf_to_open_clip_visual", "make_image_encoder", "load_image_encoder", "make_classification_head", "save_module"]
 
@@ -97,35 +98,4 @@ def load_image_encoder(path: str):
 
 
 def save_module(module: torch.nn.Module, path: os.PathLike) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(module, tmp)
-    os.replace(tmp, path)
-
-
-def _patch_typing_override() -> None:
-    """FusionBench 0.2.33's open_clip pool and task pool do ``from typing import override`` (Python ≥ 3.12);
-    on 3.10/3.11 give ``typing`` the identical ``typing_extensions.override`` before importing them."""
-    import typing
-
-    if not hasattr(typing, "override"):
-        from typing_extensions import override
-
-        typing.override = override
-
-
-def openclip_modelpool(**kwargs):
-    """``_target_`` for ``fusion_bench.modelpool.OpenCLIPVisionModelPool`` that also works on Python < 3.12."""
-    _patch_typing_override()
-    from fusion_bench.modelpool.openclip_vision.modelpool import OpenCLIPVisionModelPool
-
-    return OpenCLIPVisionModelPool(**kwargs)
-
-
-def openclip_taskpool(**kwargs):
-    """``_target_`` for ``fusion_bench.taskpool.OpenCLIPVisionModelTaskPool`` that also works on Python < 3.12."""
-    _patch_typing_override()
-    from fusion_bench.taskpool.openclip_vision.openclip_taskpool import OpenCLIPVisionModelTaskPool
-
-    return OpenCLIPVisionModelTaskPool(**kwargs)
+    write_atomic(path, lambda p: torch.save(module, p))
