@@ -13,10 +13,11 @@ exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionMode
 - ``<method>_val_alpha``: α (``scaling_factor`` / ``alpha``) chosen on the validation splits
   (``taskpool=…/tiny_clip_<n>_val``) from ``--alphas`` (default 0.1 0.3 0.5 0.7 1.0 1.5 2.0 3.0, a coarse version
   of the authors' 0.1…3.0 grid), then evaluated once on the test splits.
-- ``tsv_compress``: hook for TSV-C (``method=tsv/tsv_compress``, routed: task i evaluated with its own model);
-  added to :data:`METHODS` when that method lands.
+- ``tsv_compress``: TSV-C (``method=tsv/tsv_compress``, k = floor(r/T)), routed: task i is evaluated with its
+  own compressed model θ₀ + Δ̂ᵢ only (oracle routing, as the paper); not a merge, an upper reference.
 
-Writes ``<out>.json`` (rows: method, num_tasks, avg_accuracy, per_task, normalized_accuracy, alpha),
+``--update`` merges the rows it computes into the existing ``<out>.json`` (replacing rows of the same method
+and size) instead of starting anew. Writes ``<out>.json`` (rows: method, num_tasks, avg_accuracy, per_task, normalized_accuracy, alpha),
 ``<out>.md`` and ``<out>.png``. ``--show N`` prints the stored table for N tasks, optionally beside a fresh
 ``program_report.json`` (``--report``), which is what ``demo.sh`` does.
 
@@ -34,6 +35,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from fusion_bench_tsv.atomic import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tiny_clip"
 
@@ -45,8 +48,10 @@ METHODS: Dict[str, tuple] = {
     "fusion_bench_tsvm": ("task_singular_vector/TaskSingularVectorMerging", "alpha"),
     "iso_cts": ("isotropic_merging/iso_cts", "scaling_factor"),
     "tsv_merge": ("tsv/tsv_merge", "alpha"),
-    # "tsv_compress": ("tsv/tsv_compress", None),  # TSV-C (routed): enable when method=tsv/tsv_compress exists
+    "tsv_compress": ("tsv/tsv_compress", None),
 }
+# extra overrides per method: TSV-C's own fine-tuned evaluation is the fine_tuned row already
+METHOD_OVERRIDES: Dict[str, List[str]] = {"tsv_compress": ["method.evaluate_finetuned=false"]}
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 ROW_ORDER = ["zero_shot", "fine_tuned", "simple_average", "task_arithmetic", "task_arithmetic_val_alpha",
              "ties_merging", "ties_merging_val_alpha", "fusion_bench_tsvm", "fusion_bench_tsvm_val_alpha",
@@ -79,6 +84,8 @@ def run_program(method: str, n: int, overrides: Sequence[str] = (), split: str =
         OmegaConf.resolve(cfg)
     program = instantiate(cfg)
     report = program.run()["report"]
+    if "tasks" in report and "routing" in report:  # TSV-C's routed report: {"tasks": {task: {...}}, ...}
+        report = report["tasks"]
     return {k: float(v["accuracy"]) for k, v in report.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
 
 
@@ -114,7 +121,7 @@ def compare(sizes: Sequence[int], alphas: Sequence[float], methods: Sequence[str
         for name in methods:
             config, knob = METHODS[name]
             t0 = time.time()
-            rows.append(_row(name, n, run_program(config, n), ft))
+            rows.append(_row(name, n, run_program(config, n, METHOD_OVERRIDES.get(name, [])), ft))
             log.info("%s, %d tasks: %.2f (%.0f s)", name, n, rows[-1]["avg_accuracy"], time.time() - t0)
             if knob is None or not val_alpha:
                 continue
@@ -173,15 +180,7 @@ def plot(rows: List[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, lambda p: fig.savefig(p, dpi=120, format="png"))
 
 
 def main(argv=None) -> None:
@@ -190,6 +189,7 @@ def main(argv=None) -> None:
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--no-val-alpha", action="store_true", help="skip the validation sweeps")
+    p.add_argument("--update", action="store_true", help="merge the new rows into the existing <out>.json")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output prefix (.json/.md/.png)")
     p.add_argument("--show", type=int, default=None, help="print the stored table of this suite size and exit")
     p.add_argument("--report", type=Path, default=None, help="with --show: a fusion_bench program_report.json to add")
@@ -214,10 +214,13 @@ def main(argv=None) -> None:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     t0 = time.time()
     rows = compare(args.sizes, args.alphas, args.methods, val_alpha=not args.no_val_alpha)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(args.out.with_suffix(".json"), json.dumps(rows, indent=1))
+    if args.update and args.out.with_suffix(".json").is_file():
+        new = {(r["method"], r["num_tasks"]) for r in rows}
+        old = [r for r in json.loads(args.out.with_suffix(".json").read_text()) if (r["method"], r["num_tasks"]) not in new]
+        rows = sorted(old + rows, key=lambda r: (r["num_tasks"], ROW_ORDER.index(r["method"])))
+    write_atomic(args.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(rows, indent=1)))
     table = markdown(rows)
-    _atomic_write(args.out.with_suffix(".md"), table)
+    write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(table))
     plot(rows, args.out.with_suffix(".png"))
     print(table)
     log.info("done in %.0f s", time.time() - t0)
