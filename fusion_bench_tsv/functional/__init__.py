@@ -5,13 +5,26 @@ Every algorithm of :mod:`fusion_bench_tsv` calls these.
 """
 
 from .merge import tsv_merge_factors, tsv_merge_matrix
-from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, orthogonalize, truncated_svd
+from .svd import (
+    GRAM_COND_LIMIT,
+    SVD_METHODS,
+    SVDFactors,
+    compute_dtype,
+    concat_factors,
+    default_rank,
+    inv_sqrt_gram,
+    orthogonalize,
+    truncated_svd,
+)
 
 __all__ = [
     "SVDFactors",
+    "GRAM_COND_LIMIT",
+    "SVD_METHODS",
     "compute_dtype",
     "concat_factors",
     "default_rank",
+    "inv_sqrt_gram",
     "orthogonalize",
     "truncated_svd",
     "tsv_merge_factors",
