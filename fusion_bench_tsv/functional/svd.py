@@ -113,7 +113,7 @@ def truncated_svd(
 
 
 def _top_k_gram(a: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    """Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64.
+    r"""Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64.
 
     Returns None (the caller uses the SVD) when a kept singular value is too small for
     :math:`U = \Delta V \Sigma^{-1}` to be accurate (rank-deficient or zero matrices).
