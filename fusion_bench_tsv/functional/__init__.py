@@ -24,7 +24,18 @@ from .interference import (
     truncate_factors,
 )
 from .merge import tsv_merge_factors, tsv_merge_matrix
-from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, orthogonalize, truncated_svd
+from .svd import (
+    GRAM_COND_LIMIT,
+    SVD_METHODS,
+    SVDFactors,
+    compute_dtype,
+    concat_factors,
+    default_rank,
+    eigh_top,
+    inv_sqrt_gram,
+    orthogonalize,
+    truncated_svd,
+)
 
 __all__ = [
     "SVDFactors",
@@ -33,9 +44,12 @@ __all__ = [
     "compute_dtype",
     "concat_factors",
     "default_rank",
+    "eigh_top",
     "energy_rank",
     "factor_numel",
     "fraction_rank",
+    "GRAM_COND_LIMIT",
+    "inv_sqrt_gram",
     "layer_rank",
     "mean_pairwise_cosine",
     "orthogonalize",
@@ -44,10 +58,9 @@ __all__ = [
     "reconstruct",
     "singular_task_interference",
     "sti_from_factors",
+    "SVD_METHODS",
     "task_cosine_similarity",
     "task_factors",
     "truncate_factors",
     "truncated_svd",
-    "tsv_merge_factors",
-    "tsv_merge_matrix",
 ]

@@ -1,0 +1,245 @@
+"""The fast numeric paths (Gram/eigh top-k SVD, Gram whitening, randomized SVD) and lazy safetensors
+streaming, against float64 oracles and against the reference paths."""
+
+from __future__ import annotations
+
+import json
+import struct
+from copy import deepcopy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from fusion_bench_tsv import TSVMergeAlgorithm
+from fusion_bench_tsv.functional import (
+    eigh_top,
+    inv_sqrt_gram,
+    orthogonalize,
+    truncated_svd,
+    tsv_merge_factors,
+    tsv_merge_matrix,
+)
+from fusion_bench_tsv.streaming import SafetensorsState, iter_finetuned_states
+
+
+def matrix_with_spectrum(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:
+    """Q₁ diag(s) Q₂ᵀ in float64 with random orthonormal Q₁, Q₂: a prescribed spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    q1 = torch.linalg.qr(torch.randn(m, len(s), generator=gen, dtype=torch.float64)).Q
+    q2 = torch.linalg.qr(torch.randn(n, len(s), generator=gen, dtype=torch.float64)).Q
+    return (q1 * s) @ q2.T
+
+
+def noisy_low_rank(m, n, seed, rank=4, noise=1e-2):
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(m, rank, generator=gen, dtype=torch.float64)
+    b = torch.randn(rank, n, generator=gen, dtype=torch.float64)
+    return a @ b + noise * torch.randn(m, n, generator=gen, dtype=torch.float64)
+
+
+def inv_sqrt_psd(g):
+    w, q = torch.linalg.eigh(g)
+    return q @ torch.diag(w.rsqrt()) @ q.T
+
+
+def oracle_tsv_merge(deltas, k):
+    us, ss, vs = [], [], []
+    for d in deltas:
+        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
+        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
+    U, V = torch.cat(us, 1), torch.cat(vs, 1)
+    return U @ inv_sqrt_psd(U.T @ U) @ torch.diag(torch.cat(ss)) @ inv_sqrt_psd(V.T @ V) @ V.T
+
+
+# ------------------------------------------------------------------------------------- truncated SVD
+@pytest.mark.parametrize("shape,k", [((40, 40), 5), ((90, 30), 30), ((25, 70), 8), ((64, 48), 1)])
+def test_gram_truncated_svd_is_the_float64_top_k(shape, k):
+    d = noisy_low_rank(*shape, seed=shape[0] + k)
+    U, S, Vh = truncated_svd(d, k, "gram")
+    assert U.shape == (shape[0], k) and S.shape == (k,) and Vh.shape == (k, shape[1])
+    s_all = torch.linalg.svdvals(d)
+    torch.testing.assert_close(S, s_all[:k], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.linalg.norm(d - (U * S) @ Vh) ** 2, (s_all[k:] ** 2).sum())
+    torch.testing.assert_close(U.T @ U, torch.eye(k, dtype=d.dtype), rtol=0, atol=1e-9)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(k, dtype=d.dtype), rtol=0, atol=1e-9)
+    # the same triplets as the LAPACK SVD, up to the sign of each pair
+    u, s, vh = torch.linalg.svd(d, full_matrices=False)
+    sign = torch.sign((U * u[:, :k]).sum(0))
+    torch.testing.assert_close(U, u[:, :k] * sign, rtol=0, atol=1e-8)
+    torch.testing.assert_close(Vh, vh[:k] * sign[:, None], rtol=0, atol=1e-8)
+
+
+def test_gram_truncated_svd_near_degenerate_spectrum():
+    """Clusters of singular values equal to 1e-9 relative: the rank-k approximation is still exact
+    when the cut does not split a cluster (individual vectors inside a cluster are not unique)."""
+    s = torch.tensor([5.0, 5.0 * (1 + 1e-9), 5.0 * (1 - 1e-9), 2.0, 2.0, 1.0, 0.5, 0.5, 0.5, 0.1], dtype=torch.float64)
+    d = matrix_with_spectrum(60, 45, s.sort(descending=True).values, seed=3)
+    for k in (3, 5, 6, 9):
+        U, S, Vh = truncated_svd(d, k, "gram")
+        u, s_ref, vh = torch.linalg.svd(d, full_matrices=False)
+        torch.testing.assert_close(S, s_ref[:k], rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close((U * S) @ Vh, (u[:, :k] * s_ref[:k]) @ vh[:k], rtol=0, atol=1e-10)
+
+
+def test_gram_float32_input_close_to_float64_and_keeps_dtype():
+    d = noisy_low_rank(50, 30, seed=2)
+    U, S, Vh = truncated_svd(d.float(), 6, "gram")
+    assert U.dtype == S.dtype == Vh.dtype == torch.float32
+    torch.testing.assert_close(S.double(), torch.linalg.svdvals(d)[:6], rtol=1e-5, atol=1e-6)
+
+
+def test_gram_falls_back_to_svd_on_rank_deficient_and_zero_matrices():
+    d = noisy_low_rank(30, 20, seed=4, rank=2, noise=0.0)  # exactly rank 2, k = 5
+    U, S, Vh = truncated_svd(d, 5, "gram")
+    torch.testing.assert_close(S, torch.linalg.svd(d, full_matrices=False).S[:5], rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close((U * S) @ Vh, d)
+    assert torch.isfinite(U).all() and torch.isfinite(Vh).all()
+    U, S, Vh = truncated_svd(torch.zeros(8, 6), 2, "gram")
+    assert torch.equal(S, torch.zeros(2)) and torch.isfinite(U).all()
+
+
+def test_randomized_svd_exact_on_low_rank_and_reported_error_on_noise():
+    d = noisy_low_rank(80, 60, seed=5, rank=6, noise=0.0)
+    U, S, Vh = truncated_svd(d, 6, "randomized")
+    torch.testing.assert_close((U * S) @ Vh, d, rtol=0, atol=1e-9)
+    d = noisy_low_rank(80, 60, seed=5, rank=6, noise=1e-2)
+    U, S, Vh = truncated_svd(d, 6, "randomized")
+    s_all = torch.linalg.svdvals(d)
+    err = torch.linalg.norm(d - (U * S) @ Vh) ** 2
+    assert err >= (s_all[6:] ** 2).sum() * (1 - 1e-9)  # never better than Eckart–Young
+    assert err <= (s_all[6:] ** 2).sum() * 1.05
+
+
+def test_unknown_method_errors():
+    with pytest.raises(ValueError, match="unknown truncated_svd method 'qr'"):
+        truncated_svd(torch.eye(3), 1, "qr")
+    with pytest.raises(ValueError, match="unknown orthogonalize method"):
+        orthogonalize(torch.eye(3), "qr")
+    with pytest.raises(ValueError, match="unknown tsv_merge_factors method"):
+        tsv_merge_factors([truncated_svd(torch.eye(3), 1)], "qr")
+    with pytest.raises(ValueError, match="option 'svd_method'"):
+        TSVMergeAlgorithm(svd_method="qr")
+
+
+# ---------------------------------------------------------------------------------- orthogonalization
+def test_eigh_top_descending_subset_matches_torch():
+    g = noisy_low_rank(30, 30, seed=6)
+    g = g @ g.T
+    w, q = eigh_top(g, 4)
+    w_ref, q_ref = torch.linalg.eigh(g)
+    torch.testing.assert_close(w, w_ref.flip(0)[:4])
+    torch.testing.assert_close((q.T @ q_ref.flip(1)[:, :4]).abs(), torch.eye(4, dtype=g.dtype), rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(50, 12), (12, 50), (40, 40)])
+def test_gram_orthogonalize_equals_polar_factor(shape):
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    torch.testing.assert_close(orthogonalize(a, "gram"), orthogonalize(a, "svd"), rtol=0, atol=1e-9)
+    torch.testing.assert_close(orthogonalize(a.float(), "gram").double(), orthogonalize(a, "svd"), rtol=0, atol=1e-5)
+
+
+def test_inv_sqrt_gram_refuses_singular_ill_conditioned_and_wide():
+    a = torch.randn(20, 6, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch.testing.assert_close(inv_sqrt_gram(a), inv_sqrt_psd(a.T @ a))
+    assert inv_sqrt_gram(torch.cat([a, a[:, :1]], 1)) is None  # repeated column: singular
+    bad = a.clone()
+    bad[:, 0] = bad[:, 1] + 1e-7 * bad[:, 2]  # cond(A) ~ 1e7 > 1e5
+    assert inv_sqrt_gram(bad) is None
+    assert inv_sqrt_gram(a.T) is None  # more columns than rows
+    # orthogonalize still answers (through the SVD)
+    q = orthogonalize(torch.cat([a, a[:, :1]], 1), "gram")
+    assert torch.isfinite(q).all()
+
+
+# ----------------------------------------------------------------------------------------- TSV-M
+@pytest.mark.parametrize("num_tasks,shape", [(3, (60, 40)), (8, (48, 96)), (20, (64, 64)), (5, (100, 20))])
+def test_gram_tsv_merge_matches_float64_oracle(num_tasks, shape):
+    deltas = [noisy_low_rank(*shape, seed=10 * num_tasks + i) for i in range(num_tasks)]
+    k = max(1, min(shape) // num_tasks)
+    expected = oracle_tsv_merge(deltas, k)
+    got = tsv_merge_matrix(deltas, method="gram")
+    torch.testing.assert_close(got, expected, rtol=1e-7, atol=1e-8)
+    got32 = tsv_merge_matrix([d.float() for d in deltas], method="gram")
+    assert got32.dtype == torch.float32
+    assert (got32.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+
+def test_gram_tsv_merge_falls_back_when_tk_exceeds_rank():
+    deltas = [noisy_low_rank(6, 40, seed=i, rank=2) for i in range(10)]  # k = 1, Tk = 10 > 6
+    torch.testing.assert_close(tsv_merge_matrix(deltas, method="gram"), tsv_merge_matrix(deltas), rtol=1e-7, atol=1e-9)
+
+
+def test_randomized_tsv_merge_exact_when_updates_are_low_rank():
+    # rank 7 = k: the randomized range finder (k + 10 columns) captures each update exactly
+    deltas = [noisy_low_rank(40, 30, seed=i, rank=7, noise=0.0) for i in range(4)]
+    torch.testing.assert_close(tsv_merge_matrix(deltas, method="randomized"), oracle_tsv_merge(deltas, 7),
+                               rtol=1e-6, atol=1e-8)
+
+
+# ------------------------------------------------------------------------------ lazy safetensors I/O
+def test_safetensors_state_reads_casts_and_checks(tmp_path):
+    tensors = {"a": torch.randn(3, 4), "b": torch.arange(5), "h": torch.randn(2, 2).half()}
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    ref = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.int64), "h": torch.zeros(2, 2)}
+    state = SafetensorsState(tmp_path / "m.safetensors", "task_x", ref)
+    assert set(state) == {"a", "b", "h"} and len(state) == 3 and state.shape_of("a") == (3, 4)
+    assert torch.equal(state["a"], tensors["a"]) and torch.equal(state["b"], tensors["b"])
+    assert state["h"].dtype == torch.float32 and torch.equal(state["h"], tensors["h"].float())
+    bad = dict(tensors, a=torch.tensor([[1.0, float("nan")]]))
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match="model 'task_y': parameter 'a' contains NaN or Inf"):
+        SafetensorsState(tmp_path / "bad.safetensors", "task_y")["a"]
+
+
+def _local_pool(tiny_pool, **overrides):
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    models = {"_pretrained_": str(tiny_pool["pretrained"]), **{t: str(p) for t, p in tiny_pool["paths"].items()}}
+    models.update(overrides)
+    return CLIPVisionModelPool(models=models, processor=str(tiny_pool["pretrained"]))
+
+
+def test_lazy_iteration_matches_load_model_and_builds_no_model(tiny_pool, monkeypatch):
+    pool = _local_pool(tiny_pool)
+    reference = pool.load_pretrained_model().state_dict()
+    eager = {name: deepcopy(dict(state)) for _, name, state in iter_finetuned_states(pool, reference, show_pbar=False)}
+    calls = []
+    monkeypatch.setattr(pool, "load_model", lambda name, *a, **k: calls.append(name))
+    for _, name, state in iter_finetuned_states(pool, reference, show_pbar=False, lazy=True):
+        assert isinstance(state, SafetensorsState)
+        assert state.keys() == eager[name].keys()
+        for key in state:
+            assert torch.equal(state[key], eager[name][key]), (name, key)
+    assert calls == []
+
+
+def test_lazy_merge_equals_eager_merge_and_gram_equals_svd(tiny_pool):
+    lazy_gram = TSVMergeAlgorithm(show_pbar=False).run(_local_pool(tiny_pool)).state_dict()
+    eager_gram = TSVMergeAlgorithm(show_pbar=False, lazy_loading=False).run(_local_pool(tiny_pool)).state_dict()
+    lazy_svd = TSVMergeAlgorithm(show_pbar=False, svd_method="svd").run(_local_pool(tiny_pool)).state_dict()
+    for key in lazy_gram:
+        assert torch.equal(lazy_gram[key], eager_gram[key]), key
+        torch.testing.assert_close(lazy_gram[key], lazy_svd[key], rtol=0, atol=1e-5, msg=key)
+
+
+def test_lazy_errors_name_model_and_key(tiny_pool, tmp_path):
+    import shutil
+
+    task = tiny_pool["tasks"][1]
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_pool["paths"][task], broken)
+    state = load_file(str(broken / "model.safetensors"))
+    key = next(k for k, v in state.items() if v.dim() == 2 and "fc1" in k)
+    state[key][0, 0] = float("inf")
+    save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"model '{task}': parameter '{key}' contains NaN or Inf"):
+        TSVMergeAlgorithm(show_pbar=False).run(_local_pool(tiny_pool, **{task: str(broken)}))
+    # a checkpoint whose keys differ from the model's is not read lazily: it goes through load_model
+    other = {k: v for k, v in state.items() if k != key}
+    save_file(other, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    pool = _local_pool(tiny_pool, **{task: str(broken)})
+    reference = pool.load_pretrained_model().state_dict()
+    kinds = {name: type(state) for _, name, state in iter_finetuned_states(pool, reference, show_pbar=False, lazy=True)}
+    assert kinds[task] is not SafetensorsState
+    assert all(kind is SafetensorsState for name, kind in kinds.items() if name != task)
