@@ -3,8 +3,6 @@ streaming, against float64 oracles and against the reference paths."""
 
 from __future__ import annotations
 
-import json
-import struct
 from copy import deepcopy
 
 import pytest

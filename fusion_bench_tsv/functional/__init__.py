@@ -63,4 +63,6 @@ __all__ = [
     "task_factors",
     "truncate_factors",
     "truncated_svd",
+    "tsv_merge_factors",
+    "tsv_merge_matrix",
 ]
