@@ -7,10 +7,16 @@ without loading FusionBench.
 from importlib import import_module
 from typing import Any
 
+from .compat import ensure_typing_override
+
+ensure_typing_override()
+
 __version__ = "0.1.0"
 
 _LAZY = {
+    "STIAnalysis": "fusion_bench_tsv.sti",
     "TSVMergeAlgorithm": "fusion_bench_tsv.tsv_merge",
+    "TSVCompressAlgorithm": "fusion_bench_tsv.tsv_compress",
 }
 
 __all__ = ["__version__", *_LAZY]

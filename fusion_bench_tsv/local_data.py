@@ -14,7 +14,9 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence
+from typing import Optional, Sequence
+
+from .atomic import write_atomic
 
 __all__ = ["save_task_dataset", "load_task_dataset", "register_classnames_and_templates", "read_classes"]
 
@@ -53,19 +55,16 @@ def save_task_dataset(
     templates: Sequence[str],
 ) -> Path:
     """Write a task: ``splits`` maps a split name to ``(images, labels)`` (PIL images, ints)."""
-    from datasets import ClassLabel, Dataset, Features, Image, Value
+    from datasets import ClassLabel, Dataset, Features, Image
 
     task_dir = Path(root) / task
     task_dir.mkdir(parents=True, exist_ok=True)
     features = Features({"image": Image(), "label": ClassLabel(names=list(classnames))})
     for split, (images, labels) in splits.items():
         ds = Dataset.from_dict({"image": list(images), "label": [int(y) for y in labels]}, features=features)
-        tmp = task_dir / f".{split}.parquet.tmp"
-        ds.to_parquet(str(tmp))
-        os.replace(tmp, task_dir / f"{split}.parquet")
-    tmp = task_dir / f".{CLASSES_FILE}.tmp"
-    tmp.write_text(json.dumps({"classnames": list(classnames), "templates": list(templates)}, indent=1))
-    os.replace(tmp, task_dir / CLASSES_FILE)
+        write_atomic(task_dir / f"{split}.parquet", lambda p: ds.to_parquet(str(p)))
+    classes = {"classnames": list(classnames), "templates": list(templates)}
+    write_atomic(task_dir / CLASSES_FILE, lambda p: p.write_text(json.dumps(classes, indent=1)))
     return task_dir
 
 

@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 StateDict = Dict[str, Tensor]
 
+DEFAULT_EXCLUDE_KEYS = ("*text_projection*",)
+"""Parameters averaged (TSV-M) or kept in full (TSV-C) instead of decomposed: the reference excludes text_projection."""
+
 __all__ = [
+    "DEFAULT_EXCLUDE_KEYS",
     "StateDict",
     "check_compatible",
     "check_finite",

@@ -48,9 +48,7 @@ def synthetic_task_state(
     return out
 
 
-def random_image_task(
-    num_classes: int, num_images: int, image_size: int, seed: int
-) -> tuple[List["PIL.Image.Image"], List[int]]:  # noqa: F821
+def random_image_task(num_classes: int, num_images: int, image_size: int, seed: int) -> tuple[list, List[int]]:
     """Random RGB images with a class-dependent mean colour (learnable but not trivial)."""
     from PIL import Image
 

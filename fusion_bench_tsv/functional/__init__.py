@@ -4,6 +4,25 @@ No FusionBench, no I/O, no models: one matrix (or a list of per-task matrices) i
 Every algorithm of :mod:`fusion_bench_tsv` calls these.
 """
 
+from .compress import (
+    check_rank_options,
+    compress_matrix,
+    energy_rank,
+    factor_numel,
+    fraction_rank,
+    layer_rank,
+    reconstruct,
+)
+from .interference import (
+    mean_pairwise_cosine,
+    pairwise_singular_task_interference,
+    pairwise_sti_from_factors,
+    singular_task_interference,
+    sti_from_factors,
+    task_cosine_similarity,
+    task_factors,
+    truncate_factors,
+)
 from .merge import tsv_merge_factors, tsv_merge_matrix
 from .svd import (
     GRAM_COND_LIMIT,
@@ -19,13 +38,28 @@ from .svd import (
 
 __all__ = [
     "SVDFactors",
-    "GRAM_COND_LIMIT",
-    "SVD_METHODS",
+    "check_rank_options",
+    "compress_matrix",
     "compute_dtype",
     "concat_factors",
     "default_rank",
+    "energy_rank",
+    "factor_numel",
+    "fraction_rank",
+    "GRAM_COND_LIMIT",
     "inv_sqrt_gram",
+    "layer_rank",
+    "mean_pairwise_cosine",
     "orthogonalize",
+    "pairwise_singular_task_interference",
+    "pairwise_sti_from_factors",
+    "reconstruct",
+    "singular_task_interference",
+    "sti_from_factors",
+    "SVD_METHODS",
+    "task_cosine_similarity",
+    "task_factors",
+    "truncate_factors",
     "truncated_svd",
     "tsv_merge_factors",
     "tsv_merge_matrix",

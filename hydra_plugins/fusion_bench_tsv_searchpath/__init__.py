@@ -4,7 +4,9 @@ FusionBench takes ``./config`` (or ``./fusion_bench_config``) of the current dir
 config directory when there is one, else its packaged ``fusion_bench_config``. This plugin appends
 both fusion_bench_tsv's configs and FusionBench's packaged configs to the search path, so either
 primary directory finds ``fabric_model_fusion``, the modelpools, the taskpools and ``method/tsv/*``.
-It imports neither package (Hydra loads every plugin for every app).
+It imports neither FusionBench nor our algorithms (Hydra loads every plugin for every app); it applies
+:func:`fusion_bench_tsv.compat.ensure_typing_override` so that FusionBench's OpenCLIP pools import on
+Python < 3.12 in the ``fusion_bench`` CLI.
 """
 
 import sys
@@ -49,6 +51,14 @@ def fusion_bench_config_dir() -> Optional[Path]:
         return None
     candidate = pkg.parent / "fusion_bench_config"
     return candidate if (candidate / "fabric_model_fusion.yaml").is_file() else None
+
+
+try:
+    from fusion_bench_tsv.compat import ensure_typing_override
+
+    ensure_typing_override()
+except ImportError:  # the plugin outlived an uninstalled package
+    pass
 
 
 class FusionBenchTSVSearchPathPlugin(SearchPathPlugin):
