@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 from torch import Tensor
 
 from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, inv_sqrt_gram, orthogonalize, truncated_svd
