@@ -321,16 +321,16 @@ def materialize(lazy: Mapping[str, Tensor], name: str = "_pretrained_", reader: 
     if not isinstance(meta, nn.Module):
         raise ValueError(f"model '{name}': a lazy state dict without a model class cannot be made into a model")
     model = deepcopy(meta).to_empty(device="cpu")
+    if hasattr(model, "tie_weights"):  # a meta module built under init_empty_weights may come untied
+        model.tie_weights()
     for key, buffer in meta.named_buffers():
         if not buffer.is_meta:
             model.get_buffer(key).copy_(buffer)
     state = model.state_dict()
     reader = lazy if reader is None else reader
     aliases = tied_aliases(state, reader)
-    for key, target in state.items():
-        target.copy_(reader[aliases.get(key, key)])
-    if hasattr(model, "tie_weights"):
-        model.tie_weights()
+    for key in unique_storage_keys(state, state):
+        state[key].copy_(reader[aliases.get(key, key)])
     return model
 
 
