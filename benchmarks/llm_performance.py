@@ -10,7 +10,7 @@ saved with ``save_pretrained`` (sharded safetensors). Each mode then runs in a f
 - ``lazy``: ``CausalLMPool(enable_lazy_loading=True)``: every checkpoint read tensor by tensor from its
   shards, layer-outer loop (peak: the merged model + one layer × T).
 
-Peak RSS is ``ru_maxrss`` of that process (after imports it is reported too). Rows (JSON) are appended to
+Peak RSS is ``VmHWM`` of that process (after imports it is reported too). Rows (JSON) are appended to
 ``benchmarks/results/llm_performance.json`` and a markdown table written next to it.
 
     python benchmarks/llm_performance.py --shape qwen2.5-0.5b --tasks 4 --dtype float32 --work /tmp/llm_pool
@@ -43,7 +43,15 @@ TASK_NAMES = ("math", "code", "instruction", "chat", "task5", "task6", "task7", 
 
 
 def rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    """Peak resident memory of this process (MiB): ``VmHWM`` (``ru_maxrss`` would carry over the parent's
+    peak through ``fork``/``exec``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def make_pool(work: Path, shape: str, num_tasks: int, dtype: str) -> dict:
