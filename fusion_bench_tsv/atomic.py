@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from pathlib import Path
 from typing import Callable, Union
 
-__all__ = ["write_atomic"]
+__all__ = ["write_atomic", "write_dir_atomic"]
 
 
 def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
@@ -21,4 +22,31 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    return path
+
+
+def write_dir_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a new temporary directory next to ``path``, then rename it into place.
+
+    A reader sees the old directory or the complete new one, never a partial one: an existing ``path``
+    is first renamed aside (and deleted after the new one is in place); if ``write`` fails, the
+    temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex
+    tmp = path.with_name(f".{path.name}.{tag}.tmp")
+    old = path.with_name(f".{path.name}.{tag}.old")
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old.exists() and not path.exists():
+            os.replace(old, path)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
     return path

@@ -54,7 +54,14 @@ from .functional import (
     truncated_svd,
 )
 from .atomic import write_atomic
-from .streaming import DEFAULT_EXCLUDE_KEYS, check_finite, iter_finetuned_states, split_keys, state_dict_of
+from .streaming import (
+    DEFAULT_EXCLUDE_KEYS,
+    check_finite,
+    iter_finetuned_states,
+    load_pretrained_model,
+    split_keys,
+    state_dict_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +165,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             )
         device = self._device()
         with self.profile("load pretrained"):
-            pretrained = modelpool.load_pretrained_model()
+            pretrained = load_pretrained_model(modelpool)
         base = state_dict_of(pretrained)
         check_finite(base, "_pretrained_")
         matrix_keys, _ = split_keys(base, list(self.exclude_keys or []))

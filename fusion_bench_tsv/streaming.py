@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import struct
+from copy import deepcopy
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
@@ -26,26 +27,43 @@ StateDict = Dict[str, Tensor]
 DEFAULT_EXCLUDE_KEYS = ("*text_projection*",)
 """Parameters averaged (TSV-M) or kept in full (TSV-C) instead of decomposed: the reference excludes text_projection."""
 
+LLM_EXCLUDE_KEYS = ("*embed_tokens*", "*lm_head*", "*text_projection*")
+"""The defaults of the causal-LM configs (``tsv_merge_llm`` ...): vocabulary-sized token embeddings and
+``lm_head`` are averaged (TSV-M) / kept in full (TSV-C) / not analysed (STI) instead of decomposed."""
+
 __all__ = [
     "DEFAULT_EXCLUDE_KEYS",
+    "LLM_EXCLUDE_KEYS",
     "StateDict",
     "check_compatible",
     "check_finite",
     "is_excluded",
     "iter_finetuned_states",
+    "iter_layers",
+    "load_pretrained_model",
+    "local_checkpoint",
+    "materialize",
+    "open_lazy_states",
     "split_keys",
     "state_dict_of",
+    "tied_aliases",
+    "unique_storage_keys",
     "SafetensorsState",
-    "local_safetensors_file",
 ]
 
 
-def state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> StateDict:
-    """The model's state dict (tensors share storage with the model; nothing is copied)."""
+def state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    """The model's state dict (tensors share storage with the model; nothing is copied).
+
+    A ``dict`` is copied shallowly; any other ``Mapping`` (a lazy one: :class:`SafetensorsState`,
+    FusionBench's ``LazyStateDict``) is returned as it is, so that no tensor is read before it is used.
+    """
     if isinstance(model, nn.Module):
         return model.state_dict(keep_vars=False)
-    if isinstance(model, Mapping):
+    if isinstance(model, dict):
         return dict(model)
+    if isinstance(model, Mapping):
+        return model
     raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
 
 
@@ -83,7 +101,7 @@ def check_compatible(reference: Mapping[str, Tensor], state: Mapping[str, Tensor
         raise ValueError(
             f"model '{model_name}' does not have the parameters of the pretrained model: " + "; ".join(parts)
         )
-    shape_of = state.shape_of if isinstance(state, SafetensorsState) else (lambda k: state[k].shape)
+    shape_of = getattr(state, "shape_of", None) or (lambda k: state[k].shape)
     for key, ref in reference.items():
         if shape_of(key) != ref.shape:
             raise ValueError(
@@ -139,32 +157,78 @@ _SAFETENSORS_DTYPES = {
 }
 
 
-class SafetensorsState(Mapping[str, Tensor]):
-    """A read-only state dict backed by a ``.safetensors`` file, read one tensor at a time.
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
-    Only the JSON header is parsed up front (names, dtypes, shapes). ``state[key]`` reads that tensor
-    with a plain positioned read (no memory map, so nothing of the file stays resident), casts it to
-    the dtype of ``reference[key]`` (as ``from_pretrained`` would load it into the reference's
-    architecture) and checks it for NaN/Inf, raising the ``check_finite`` error naming the model.
+
+def _safetensors_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
+    """The ``.safetensors`` files of a checkpoint (a file, an index ``.json`` or a directory holding
+    ``model.safetensors`` or ``model.safetensors.index.json``) and the index's weight map, if any."""
+    if path.is_dir():
+        if (path / SAFETENSORS_FILE).is_file():
+            return [path / SAFETENSORS_FILE], None
+        if (path / SAFETENSORS_INDEX).is_file():
+            path = path / SAFETENSORS_INDEX
+        else:
+            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+    if path.suffix == ".json":
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path} is not a safetensors index: it has no 'weight_map'")
+        return [path.parent / f for f in sorted(set(weight_map.values()))], weight_map
+    return [path], None
+
+
+class SafetensorsState(Mapping[str, Tensor]):
+    """A read-only state dict backed by safetensors files, read one tensor at a time.
+
+    ``path`` is a ``.safetensors`` file, a sharded checkpoint's ``model.safetensors.index.json``, or a
+    directory holding either (as ``save_pretrained`` writes them). Only the JSON headers are parsed up
+    front (names, dtypes, shapes). ``state[key]`` reads that tensor with a plain positioned read (no
+    memory map, so nothing of the file stays resident), casts it to the dtype of ``reference[key]`` (as
+    ``from_pretrained`` would load it into the reference's architecture) and checks it for NaN/Inf,
+    raising the ``check_finite`` error naming the model.
+
+    ``aliases`` maps keys that the files do not hold to keys they do: tied weights (``lm_head.weight``
+    of a model with ``tie_word_embeddings`` is saved once, as ``model.embed_tokens.weight``).
     """
 
-    def __init__(self, path: os.PathLike, model_name: str, reference: Optional[Mapping[str, Tensor]] = None):
+    def __init__(
+        self,
+        path: os.PathLike,
+        model_name: str,
+        reference: Optional[Mapping[str, Tensor]] = None,
+        aliases: Optional[Mapping[str, str]] = None,
+    ):
         self.path, self.model_name, self.reference = Path(path), model_name, reference
-        with open(self.path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        header.pop("__metadata__", None)
-        self._start = 8 + size
-        self._entries = header
+        files, weight_map = _safetensors_files(self.path)
+        self._entries: Dict[str, Tuple[Path, int, dict]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self._entries[key] = (file, 8 + size, entry)
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self._entries]
+            if lost:
+                raise ValueError(
+                    f"model '{model_name}': {self.path} lists parameters its shards do not hold: {lost[:5]}"
+                )
+        self.aliases = {k: v for k, v in (aliases or {}).items() if k not in self._entries}
+        for key, target in self.aliases.items():
+            if target not in self._entries:
+                raise KeyError(f"model '{model_name}': alias '{key}' -> '{target}': '{target}' is not in {self.path}")
 
     def __getitem__(self, key: str) -> Tensor:
-        entry = self._entries[key]  # KeyError for unknown keys, as a dict
+        file, start, entry = self._entries[self.aliases.get(key, key)]  # KeyError for unknown keys, as a dict
         begin, end = entry["data_offsets"]
         buffer = bytearray(end - begin)
-        with open(self.path, "rb", buffering=0) as f:
-            f.seek(self._start + begin)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start + begin)
             if f.readinto(buffer) != len(buffer):
-                raise ValueError(f"model '{self.model_name}': file {self.path} is truncated at parameter '{key}'")
+                raise ValueError(f"model '{self.model_name}': file {file} is truncated at parameter '{key}'")
         dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
         value = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
         value = value.reshape(entry["shape"])
@@ -175,41 +239,144 @@ class SafetensorsState(Mapping[str, Tensor]):
         return value
 
     def shape_of(self, key: str) -> torch.Size:
-        return torch.Size(self._entries[key]["shape"])
+        return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
+
+    def nbytes_of(self, key: str) -> int:
+        begin, end = self._entries[self.aliases.get(key, key)][2]["data_offsets"]
+        return end - begin
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        yield from self._entries
+        yield from self.aliases
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + len(self.aliases)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries or key in self.aliases
 
 
-def local_safetensors_file(modelpool, name: str) -> Optional[Path]:
-    """The ``model.safetensors`` of ``name`` when the pool loads it with ``from_pretrained`` from a local
-    directory (a ``CLIPVisionModelPool`` entry that is a path), else None (then use ``load_model``)."""
+def unique_storage_keys(state: Mapping[str, Tensor], keys: Iterable[str]) -> List[str]:
+    """``keys`` without the second and later names of one storage (tied weights), in order."""
+    seen, out = set(), []
+    for key in keys:
+        ptr = state[key].data_ptr()
+        if ptr and ptr in seen:
+            continue
+        seen.add(ptr)
+        out.append(key)
+    return out
+
+
+def tied_aliases(reference: Mapping[str, Tensor], present: Iterable[str]) -> Dict[str, str]:
+    """For each key of ``reference`` not in ``present`` that shares its storage with a key that is
+    (tied weights), ``missing key -> present key``."""
+    present = set(present)
+    by_ptr = {}
+    for key in reference:
+        if key in present and reference[key].data_ptr():
+            by_ptr.setdefault((reference[key].data_ptr(), tuple(reference[key].shape)), key)
+    out = {}
+    for key in reference:
+        if key not in present:
+            found = by_ptr.get((reference[key].data_ptr(), tuple(reference[key].shape)))
+            if found is not None:
+                out[key] = found
+    return out
+
+
+def _model_entry_path(modelpool, name: str) -> Optional[str]:
+    entry = modelpool._models.get(name) if hasattr(modelpool._models, "get") else None
+    if isinstance(entry, str):
+        return entry
+    if isinstance(entry, Mapping):  # {_target_: ..., pretrained_model_name_or_path: ...}
+        path = entry.get("pretrained_model_name_or_path")
+        return path if isinstance(path, str) else None
+    return None
+
+
+def local_checkpoint(modelpool, name: str, lazy: bool = False) -> Optional[Path]:
+    """The local checkpoint directory of ``name`` when it may be read lazily, else None (use ``load_model``).
+
+    A ``CLIPVisionModelPool`` entry that is a local directory, when ``lazy``; a ``CausalLMPool`` entry
+    (a path, or a config with ``pretrained_model_name_or_path``) that is a local directory, when ``lazy``
+    or the pool's ``enable_lazy_loading``. The directory must hold ``model.safetensors`` or a sharded
+    ``model.safetensors.index.json``.
+    """
     try:
-        from fusion_bench.modelpool import CLIPVisionModelPool
+        from fusion_bench.modelpool import CausalLMPool, CLIPVisionModelPool
     except ImportError:  # pragma: no cover
         return None
-    if not isinstance(modelpool, CLIPVisionModelPool):
+    if isinstance(modelpool, CausalLMPool):
+        allowed = lazy or bool(getattr(modelpool, "enable_lazy_loading", False))
+    else:
+        allowed = lazy and isinstance(modelpool, CLIPVisionModelPool)
+    if not allowed:
         return None
-    entry = modelpool._models.get(name) if hasattr(modelpool._models, "get") else None
-    if not isinstance(entry, str) or not os.path.isdir(entry):
+    entry = _model_entry_path(modelpool, name)
+    if entry is None or not os.path.isdir(entry):
         return None
-    path = Path(entry) / "model.safetensors"
-    return path if path.is_file() else None
+    path = Path(entry)
+    if (path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file():
+        return path
+    return None
 
 
-def _lazy_state(modelpool, name: str, reference: Mapping[str, Tensor]) -> Optional[SafetensorsState]:
-    path = local_safetensors_file(modelpool, name)
+def _lazy_state(modelpool, name: str, reference: Mapping[str, Tensor], lazy: bool = False) -> Optional[SafetensorsState]:
+    path = local_checkpoint(modelpool, name, lazy)
     if path is None:
         return None
     state = SafetensorsState(path, name, reference)
-    # only when the file holds exactly the model's parameters (no renamed or missing buffers)
+    aliases = tied_aliases(reference, state)
+    state = SafetensorsState(path, name, reference, aliases) if aliases else state
+    # only when the files hold exactly the model's parameters (no renamed or missing buffers)
     if set(state) != set(reference):
         log.info(f"model '{name}': {path} keys differ from the model's state dict; loading the model instead")
         return None
     return state
+
+
+def materialize(lazy: Mapping[str, Tensor], name: str = "_pretrained_", reader: Optional[Mapping[str, Tensor]] = None) -> nn.Module:
+    """An ``nn.Module`` holding a FusionBench ``LazyStateDict``'s weights (peak: one model + one tensor).
+
+    The module is a copy of its ``meta_module`` allocated on the CPU (as ``simple_average`` does), its
+    non-persistent buffers (e.g. rotary ``inv_freq``, real tensors in the meta module) copied over, and
+    every state-dict entry read from ``reader`` (default: ``lazy`` itself) one tensor at a time.
+    """
+    meta = getattr(lazy, "meta_module", None)
+    if not isinstance(meta, nn.Module):
+        raise ValueError(f"model '{name}': a lazy state dict without a model class cannot be made into a model")
+    model = deepcopy(meta).to_empty(device="cpu")
+    if hasattr(model, "tie_weights"):  # a meta module built under init_empty_weights may come untied
+        model.tie_weights()
+    for key, buffer in meta.named_buffers():
+        if not buffer.is_meta:
+            model.get_buffer(key).copy_(buffer)
+    state = model.state_dict()
+    reader = lazy if reader is None else reader
+    aliases = tied_aliases(state, reader)
+    for key in unique_storage_keys(state, state):
+        state[key].copy_(reader[aliases.get(key, key)])
+    return model
+
+
+def load_pretrained_model(modelpool) -> nn.Module:
+    """``modelpool.load_pretrained_model()``, as an ``nn.Module`` even from a lazy pool.
+
+    A ``LazyStateDict`` (``CausalLMPool(enable_lazy_loading=True)``) is materialized (:func:`materialize`),
+    reading a local checkpoint through :class:`SafetensorsState`.
+    """
+    model = modelpool.load_pretrained_model()
+    if isinstance(model, nn.Module):
+        return model
+    if not isinstance(model, Mapping):
+        raise TypeError(f"model '_pretrained_': expected an nn.Module or a state dict, got {type(model).__name__}")
+    path = local_checkpoint(modelpool, "_pretrained_", lazy=True)
+    reader = None
+    if path is not None and isinstance(getattr(model, "meta_module", None), nn.Module):
+        skeleton = model.meta_module.state_dict()
+        reader = SafetensorsState(path, "_pretrained_", skeleton)
+    return materialize(model, "_pretrained_", reader)
 
 
 def iter_finetuned_states(
@@ -227,15 +394,16 @@ def iter_finetuned_states(
     yielded, and released before the next one is loaded, so that one fine-tuned model is resident
     at a time. ``profile`` is an optional ``SimpleProfilerMixin.profile`` used to time the loading.
 
-    ``lazy=True``: where the pool allows (a ``CLIPVisionModelPool`` entry that is a local directory
-    with ``model.safetensors`` holding exactly the reference's keys), yield a :class:`SafetensorsState`
-    instead of building the model: names and shapes are checked from the file header before it is
+    ``lazy=True`` (or a ``CausalLMPool`` with ``enable_lazy_loading``): where the pool allows (an entry
+    that is a local directory whose ``model.safetensors``, or shards, hold exactly the reference's keys,
+    tied weights aliased; see :func:`local_checkpoint`), yield a :class:`SafetensorsState` instead of
+    building the model: names and shapes are checked from the file header before it is
     yielded, each tensor is read (and checked for NaN/Inf) when it is accessed, so at most the
     tensors the caller keeps are resident. Other models are loaded with ``modelpool.load_model``.
     """
     names = list(modelpool.model_names)
     for index, name in enumerate(tqdm(names, desc=desc, disable=not show_pbar, dynamic_ncols=True)):
-        state = _lazy_state(modelpool, name, reference) if lazy else None
+        state = _lazy_state(modelpool, name, reference, lazy)
         if state is not None:
             check_compatible(reference, state, name)
             yield index, name, state
@@ -253,3 +421,36 @@ def iter_finetuned_states(
         yield index, name, state
         del model, state
         release_memory()
+
+
+def open_lazy_states(
+    modelpool, reference: Mapping[str, Tensor], lazy: bool = False
+) -> Optional[List[Tuple[str, SafetensorsState]]]:
+    """``[(name, SafetensorsState)]`` for every fine-tuned model, checked against ``reference`` (names,
+    shapes, from the headers), when all of them can be read lazily (see :func:`iter_finetuned_states`);
+    None otherwise. Nothing but the headers is read."""
+    states = []
+    for name in modelpool.model_names:
+        state = _lazy_state(modelpool, name, reference, lazy)
+        if state is None:
+            return None
+        check_compatible(reference, state, name)
+        states.append((name, state))
+    return states
+
+
+def iter_layers(
+    states: Sequence[Tuple[str, Mapping[str, Tensor]]],
+    keys: Sequence[str],
+    *,
+    desc: str = "layers",
+    show_pbar: bool = True,
+) -> Iterator[Tuple[str, Iterator[Tensor]]]:
+    """The layer-outer loop over lazily read models: yield ``(key, values)`` for each of ``keys``, where
+    ``values`` reads ``state[key]`` of each model in order, one at a time, as it is iterated.
+
+    What the caller keeps of one layer (T tensors, or T factors) is all that is resident besides its own
+    result: peak memory is about one layer × T, not T models.
+    """
+    for key in tqdm(keys, desc=desc, disable=not show_pbar, dynamic_ncols=True):
+        yield key, (state[key] for _, state in states)

@@ -45,7 +45,14 @@ from .compressed_checkpoint import CompressedTask, build_task_model, save_compre
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
 from .atomic import write_atomic
-from .streaming import DEFAULT_EXCLUDE_KEYS, check_finite, iter_finetuned_states, split_keys, state_dict_of
+from .streaming import (
+    DEFAULT_EXCLUDE_KEYS,
+    check_finite,
+    iter_finetuned_states,
+    load_pretrained_model,
+    split_keys,
+    state_dict_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +139,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             raise ValueError("the modelpool has no fine-tuned models to compress (only '_pretrained_' or nothing)")
         device = self._device()
         with self.profile("load pretrained"):
-            pretrained = modelpool.load_pretrained_model()
+            pretrained = load_pretrained_model(modelpool)
             if modelpool.has_instance_models:  # never hand back (or alias) the caller's own instance
                 pretrained = deepcopy(pretrained)
         base = state_dict_of(pretrained)

@@ -38,7 +38,18 @@ from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 
 from .functional import SVD_METHODS, SVDFactors, compute_dtype, default_rank, truncated_svd, tsv_merge_factors
-from .streaming import check_finite, iter_finetuned_states, split_keys, state_dict_of
+from .hf_checkpoint import save_hf_model
+from .sharding import send_to_rank_zero, split_by_size
+from .streaming import (
+    check_finite,
+    iter_finetuned_states,
+    iter_layers,
+    load_pretrained_model,
+    open_lazy_states,
+    split_keys,
+    state_dict_of,
+    unique_storage_keys,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +93,31 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         device: where the linear algebra runs; ``None`` (default) is the Fabric device, so a GPU is
             used when there is one. The merged model stays where the pretrained model was loaded.
         show_pbar: show progress bars over models and layers.
-        svd_method: how each task's top-k triplets are computed. ``"gram"`` (default): eigenvectors of
-            the smaller Gram matrix in float64 (only the top k, LAPACK ``dsyevr``), and the
-            orthogonalization by whitening the ``Tk × Tk`` Gram matrices in float64 (SVD fallback when
-            ill-conditioned); factors are kept in float64. Exact (closer to a float64 evaluation than
-            float32 SVDs are) and several times faster than full SVDs. ``"svd"``: full SVDs as
-            FusionBench's TSVM (bit-for-bit the same per-task factors). ``"randomized"``: randomized SVD,
-            approximate (never the default; its error is reported in ``benchmarks/results``).
-        lazy_loading: read fine-tuned checkpoints tensor by tensor from ``model.safetensors`` where the
-            pool allows (a ``CLIPVisionModelPool`` entry that is a local directory) instead of building
-            each model; other pools are loaded with ``load_model``.
+        svd_method: how each task's top-k triplets are computed. ``"svd"`` (default): full SVDs in
+            float32 (float64 stays float64), the same per-task factors as FusionBench's TSVM, whose merged
+            model ours equals to 1e-5. ``"gram"``: eigenvectors of the smaller Gram matrix in float64
+            (only the top k, LAPACK ``dsyevr``), and the orthogonalization by whitening the ``Tk × Tk``
+            Gram matrices in float64 (SVD fallback when ill-conditioned); factors kept in float64. Closer
+            to a float64 evaluation than float32 SVDs and faster, but it differs from FusionBench's float32
+            result by that float32 round-off (up to 8e-4 on ViT-B/32-shaped pools). ``"randomized"``:
+            randomized SVD, approximate (its error is reported in ``benchmarks/results``).
+        lazy_loading: read fine-tuned checkpoints tensor by tensor from ``model.safetensors`` (or its
+            shards) where the pool allows (a ``CLIPVisionModelPool`` or ``CausalLMPool`` entry that is a
+            local directory) instead of building each model. When every fine-tuned model can be read so,
+            the merge runs layer by layer (θ₀[key] and each task's [key] read, merged, written, freed:
+            peak memory about the merged model plus one layer × T); otherwise one model at a time. A
+            ``CausalLMPool`` with ``enable_lazy_loading: true`` is read lazily even with ``false``.
+        save_path: write the merged model in Hugging Face format here (``{log_dir}``: the run's log
+            dir), sharded safetensors with the pool's tokenizer, atomically (temporary directory, then
+            rename); ``None`` (default) saves nothing (FusionBench's ``merged_model_save_path`` still works,
+            not atomically).
+        max_shard_size: largest safetensors shard of ``save_path`` (``save_pretrained``'s option).
+        save_tokenizer: with ``save_path``, also save the pool's tokenizer (when the pool has one).
+
+    With a Fabric strategy of several processes (e.g. ``fabric.strategy=ddp fabric.devices=2``), the
+    parameters are split across the ranks by size, each rank merges its share (reading only those
+    layers when lazy) and rank 0 assembles the merged model, bitwise the one a single process makes
+    (with the same number of torch threads per process); the other ranks return None.
     """
 
     def __init__(
@@ -101,8 +127,11 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         rank: Optional[int] = None,
         device: Optional[str] = None,
         show_pbar: bool = True,
-        svd_method: str = "gram",
+        svd_method: str = "svd",
         lazy_loading: bool = True,
+        save_path: Optional[str] = None,
+        max_shard_size: Union[str, int] = "5GB",
+        save_tokenizer: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -128,8 +157,9 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         return ranks
 
     @torch.no_grad()
-    def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> nn.Module:
-        """Merge the fine-tuned models of ``modelpool`` into one model and return it."""
+    def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
+        """Merge the fine-tuned models of ``modelpool`` into one model and return it (on rank 0; other
+        ranks of a multi-process Fabric run return None)."""
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
         names = list(modelpool.model_names)
@@ -141,7 +171,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         device = self._device()
 
         with self.profile("load pretrained"):
-            pretrained = modelpool.load_pretrained_model()
+            pretrained = load_pretrained_model(modelpool)
             # a pool of in-memory models hands out the caller's own instance: never write into it
             merged = deepcopy(pretrained) if modelpool.has_instance_models else pretrained
         base = state_dict_of(merged)
@@ -150,53 +180,70 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         ranks = self.layer_ranks({k: base[k].shape for k in matrix_keys}, num_tasks)
         self._log_setup(names, base, matrix_keys, other_keys, ranks, device)
 
-        factors: Dict[str, List[SVDFactors]] = {k: [] for k in matrix_keys}
-        sums: Dict[str, Tensor] = {}
-        for i, name, state in iter_finetuned_states(
-            modelpool,
-            base,
-            desc="TSV-M: task vectors",
-            show_pbar=self.show_pbar,
-            profile=self.profile,
-            lazy=self.lazy_loading,
-        ):
-            keys = tqdm(matrix_keys + other_keys, desc=f"  {name}", leave=False, disable=not self.show_pbar)
-            for key in keys:
-                work = compute_dtype(base[key].dtype)
-                if key in ranks and self.svd_method != "svd":
-                    # the Gram paths keep the factors in float64: UᵀU is ill-conditioned when Tk ≈ r,
-                    # and float32 factors would lose cond(U)·eps32 in U (UᵀU)^(-1/2)
-                    work = torch.float64
-                with self.profile("read tensors"):
-                    value = state[key]  # a SafetensorsState reads the tensor here
-                delta = value.to(device, work) - base[key].to(device, work)
-                del value
-                if task_scales[i] != 1.0:
-                    delta.mul_(task_scales[i])
-                if key in ranks:
-                    with self.profile("truncated svd"):
-                        factors[key].append(truncated_svd(delta, ranks[key], self.svd_method))
-                elif key in sums:
-                    sums[key].add_(delta)
-                else:
-                    sums[key] = delta
+        # tied weights: one storage, merged once; layers split across the ranks of a multi-process run
+        keys = unique_storage_keys(base, matrix_keys + other_keys)
+        world, rank = self.fabric.world_size, self.fabric.global_rank
+        mine = split_by_size({k: base[k].numel() for k in keys}, world)[rank]
+        if world > 1:
+            log.info(f"TSV-M: rank {rank}/{world} merges {len(mine)} of {len(keys)} parameters")
+        layer = _LayerMerge(self, ranks, task_scales, final_scale, num_tasks, device)
+        results: Dict[str, Tensor] = {}
 
-        written = set()
-        for key in tqdm(matrix_keys + other_keys, desc="TSV-M: merging", disable=not self.show_pbar):
-            target = base[key]
-            if target.data_ptr() in written:  # tied weights: one storage, already merged
-                continue
-            with self.profile("merge"):
-                if key in factors:
-                    update = tsv_merge_factors(factors.pop(key), "svd" if self.svd_method == "svd" else "gram")
-                else:
-                    update = sums.pop(key).div_(num_tasks)
-                update.mul_(final_scale)
-                target.copy_((target.to(device, update.dtype) + update).to(target.device, target.dtype))
-            written.add(target.data_ptr())
+        def keep(key: str, value: Tensor) -> None:
+            if rank == 0:
+                base[key].copy_(value)
+            else:
+                results[key] = value
 
+        lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
+        if lazy_states is not None:
+            # layer-outer: θ₀[key] and each task's [key], merged and written before the next layer
+            for key, values in iter_layers(lazy_states, mine, desc="TSV-M: layers", show_pbar=self.show_pbar):
+                acc, values = None, iter(values)
+                for i in range(num_tasks):
+                    with self.profile("read tensors"):
+                        value = next(values)
+                    acc = layer.add(acc, key, layer.task_part(key, base[key], value, i))
+                    del value
+                keep(key, layer.merged(key, base[key], acc))
+        else:
+            # model-outer: one fine-tuned model resident at a time, factors and sums kept per layer
+            accs: Dict[str, object] = {}
+            for i, name, state in iter_finetuned_states(
+                modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar,
+                profile=self.profile, lazy=self.lazy_loading,
+            ):
+                for key in tqdm(mine, desc=f"  {name}", leave=False, disable=not self.show_pbar):
+                    with self.profile("read tensors"):
+                        value = state[key]  # a SafetensorsState reads the tensor here
+                    accs[key] = layer.add(accs.get(key), key, layer.task_part(key, base[key], value, i))
+                    del value
+            for key in tqdm(mine, desc="TSV-M: merging", disable=not self.show_pbar):
+                keep(key, layer.merged(key, base[key], accs.pop(key)))
+
+        if world > 1:
+            with self.profile("gather on rank 0"):
+                send_to_rank_zero(self.fabric, results, lambda key, value: base[key].copy_(value))
+            results.clear()
         self.print_profile_summary("TSV-M profile")
+        if rank != 0:
+            return None
+        if self.save_path is not None:
+            with self.profile("save"):
+                self.save(merged, modelpool)
         return merged
+
+    def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
+        """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
+        path = self.save_path
+        if "{log_dir}" in path:
+            if self.log_dir is None:
+                raise ValueError(f"option 'save_path'={path!r} uses {{log_dir}} but this run has no log dir")
+            path = path.format(log_dir=self.log_dir)
+        tokenizer = None
+        if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
+            tokenizer = modelpool.load_tokenizer()
+        return str(save_hf_model(model, path, tokenizer=tokenizer, max_shard_size=self.max_shard_size))
 
     def _log_setup(self, names, base, matrix_keys, other_keys, ranks, device) -> None:
         dtypes = sorted({str(base[k].dtype) for k in matrix_keys + other_keys})
@@ -215,3 +262,47 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 f"TSV-M: {len(low)} matrices have rank below T={num_tasks} and keep 1 component per task "
                 f"(FusionBench's TSVM would zero them): {low}"
             )
+
+
+class _LayerMerge:
+    """TSV-M of one parameter, shared by the model-outer and the layer-outer loop.
+
+    ``task_part`` turns task i's tensor into its contribution (rank-k factors of ``αᵢΔᵢ`` for a matrix,
+    ``αᵢΔᵢ`` otherwise), ``add`` accumulates the contributions in task order (a list of factors, a running
+    sum), ``merged`` returns ``θ₀ + α·M`` (``M = U⊥ΣV⊥ᵀ``, or the mean of the task vectors) in θ₀'s dtype.
+    The result depends only on the parameter's inputs, never on which other parameters (or rank) ran.
+    """
+
+    def __init__(self, algorithm: "TSVMergeAlgorithm", ranks, task_scales, final_scale, num_tasks, device):
+        self.algorithm, self.ranks, self.device = algorithm, ranks, device
+        self.task_scales, self.final_scale, self.num_tasks = task_scales, final_scale, num_tasks
+        self.method = algorithm.svd_method
+
+    def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int):
+        work = compute_dtype(theta0.dtype)
+        if key in self.ranks and self.method != "svd":
+            # the Gram paths keep the factors in float64: UᵀU is ill-conditioned when Tk ≈ r,
+            # and float32 factors would lose cond(U)·eps32 in U (UᵀU)^(-1/2)
+            work = torch.float64
+        delta = value.to(self.device, work) - theta0.to(self.device, work)
+        if self.task_scales[i] != 1.0:
+            delta.mul_(self.task_scales[i])
+        if key in self.ranks:
+            with self.algorithm.profile("truncated svd"):
+                return truncated_svd(delta, self.ranks[key], self.method)
+        return delta
+
+    @staticmethod
+    def add(acc, key: str, part):
+        if isinstance(part, SVDFactors):
+            return (acc or []) + [part]
+        return part if acc is None else acc.add_(part)
+
+    def merged(self, key: str, theta0: Tensor, acc) -> Tensor:
+        with self.algorithm.profile("merge"):
+            if isinstance(acc, list):
+                update = tsv_merge_factors(acc, "svd" if self.method == "svd" else "gram")
+            else:
+                update = acc.div_(self.num_tasks)
+            update.mul_(self.final_scale)
+            return (theta0.to(self.device, update.dtype) + update).to(theta0.device, theta0.dtype)
