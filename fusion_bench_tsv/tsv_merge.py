@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 
-from .functional import SVD_METHODS, SVDFactors, compute_dtype, default_rank, truncated_svd, tsv_merge_factors
+from .functional import SVD_METHODS, SVDFactors, compute_dtype, layer_rank, truncated_svd, tsv_merge_factors
 from .hf_checkpoint import save_hf_model
 from .sharding import send_to_rank_zero, split_by_size
 from .streaming import (
@@ -145,16 +145,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
 
     def layer_ranks(self, shapes: Dict[str, torch.Size], num_tasks: int) -> Dict[str, int]:
         """The per-task rank k of every matrix, validated against its shape."""
-        ranks = {}
-        for key, shape in shapes.items():
-            r = min(shape)
-            k = default_rank(shape, num_tasks) if self.rank is None else self.rank
-            if k > r:
-                raise ValueError(
-                    f"option 'rank'={k} exceeds the rank of parameter '{key}' of shape {tuple(shape)} (at most {r})"
-                )
-            ranks[key] = k
-        return ranks
+        return {key: layer_rank(shape, num_tasks, rank=self.rank, name=key) for key, shape in shapes.items()}
 
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
