@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from oracles import inv_sqrt_psd, oracle_tsv_merge
+
 from fusion_bench_tsv.functional import (
     concat_factors,
     default_rank,
@@ -21,24 +23,6 @@ def low_rank_deltas(num_tasks: int, m: int, n: int, rank: int, seed: int, dtype=
          + 1e-2 * torch.randn(m, n, generator=gen, dtype=torch.float64)).to(dtype)
         for _ in range(num_tasks)
     ]
-
-
-def inv_sqrt_psd(g: torch.Tensor) -> torch.Tensor:
-    w, q = torch.linalg.eigh(g)
-    return q @ torch.diag(w.rsqrt()) @ q.T
-
-
-def oracle_tsv_merge(deltas, k):
-    """U⊥ Σ V⊥ᵀ in float64 with the whitening form U (UᵀU)^(-1/2) (NOTES §1), block-diagonal Σ spelt out."""
-    us, ss, vs = [], [], []
-    for d in deltas:
-        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
-        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
-    U, V = torch.cat(us, 1), torch.cat(vs, 1)
-    Sigma = torch.block_diag(*[torch.diag(s) for s in ss])
-    U_perp = U @ inv_sqrt_psd(U.T @ U)
-    V_perp = V @ inv_sqrt_psd(V.T @ V)
-    return U_perp @ Sigma @ V_perp.T
 
 
 @pytest.mark.parametrize("num_tasks", [3, 5, 8, 20])

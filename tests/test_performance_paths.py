@@ -7,6 +7,7 @@ from copy import deepcopy
 
 import pytest
 import torch
+from oracles import inv_sqrt_psd, oracle_tsv_merge
 from safetensors.torch import load_file, save_file
 
 from fusion_bench_tsv import TSVMergeAlgorithm
@@ -34,20 +35,6 @@ def noisy_low_rank(m, n, seed, rank=4, noise=1e-2):
     a = torch.randn(m, rank, generator=gen, dtype=torch.float64)
     b = torch.randn(rank, n, generator=gen, dtype=torch.float64)
     return a @ b + noise * torch.randn(m, n, generator=gen, dtype=torch.float64)
-
-
-def inv_sqrt_psd(g):
-    w, q = torch.linalg.eigh(g)
-    return q @ torch.diag(w.rsqrt()) @ q.T
-
-
-def oracle_tsv_merge(deltas, k):
-    us, ss, vs = [], [], []
-    for d in deltas:
-        u, s, vh = torch.linalg.svd(d.double(), full_matrices=False)
-        us.append(u[:, :k]), ss.append(s[:k]), vs.append(vh[:k].T)
-    U, V = torch.cat(us, 1), torch.cat(vs, 1)
-    return U @ inv_sqrt_psd(U.T @ U) @ torch.diag(torch.cat(ss)) @ inv_sqrt_psd(V.T @ V) @ V.T
 
 
 # ------------------------------------------------------------------------------------- truncated SVD
