@@ -79,7 +79,7 @@ def make_pool(work: Path, shape: str, num_tasks: int, dtype: str) -> dict:
     return {"paths": paths, "model_bytes": model_bytes, "params": sum(p.numel() for p in base.parameters())}
 
 
-def run_mode(paths: dict, mode: str, device: str) -> dict:
+def run_mode(paths: dict, mode: str, device: str, svd_method: str) -> dict:
     """One merge in this process; returns wall time and peak RSS."""
     import torch
 
@@ -90,7 +90,8 @@ def run_mode(paths: dict, mode: str, device: str) -> dict:
     after_imports = rss_mib()
     lazy = mode == "lazy"
     pool = CausalLMPool(models=paths, tokenizer=None, enable_lazy_loading=lazy)
-    algorithm = TSVMergeAlgorithm(show_pbar=False, exclude_keys=list(LLM_EXCLUDE_KEYS), lazy_loading=lazy, device=device)
+    algorithm = TSVMergeAlgorithm(show_pbar=False, exclude_keys=list(LLM_EXCLUDE_KEYS), lazy_loading=lazy, device=device,
+                                  svd_method=svd_method)
     start = time.perf_counter()
     merged = algorithm.run(pool)
     wall = time.perf_counter() - start
@@ -108,13 +109,14 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="directory for the generated pool")
     parser.add_argument("--modes", nargs="+", default=["eager", "lazy"])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--svd-method", default="gram", help="TSVMergeAlgorithm svd_method (the rows in results: gram)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--keep", action="store_true", help="keep the generated pool")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.child:  # a single measured run, in its own process
-        print("RESULT " + json.dumps(run_mode(json.loads(args.child), args.modes[0], args.device)))
+        print("RESULT " + json.dumps(run_mode(json.loads(args.child), args.modes[0], args.device, args.svd_method)))
         return
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -126,21 +128,21 @@ def main() -> None:
     for mode in args.modes:
         proc = subprocess.run(
             [sys.executable, __file__, "--work", str(args.work), "--modes", mode, "--device", args.device,
-             "--child", json.dumps(pool["paths"])],
+             "--svd-method", args.svd_method, "--child", json.dumps(pool["paths"])],
             capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1"),
         )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             raise SystemExit(f"{mode} run failed:\n{proc.stderr[-4000:]}")
         row = json.loads(lines[-1][len("RESULT "):])
-        row.update(shape=args.shape, tasks=args.tasks, dtype=args.dtype, device=args.device,
+        row.update(shape=args.shape, tasks=args.tasks, dtype=args.dtype, device=args.device, svd_method=args.svd_method,
                    params=pool["params"], model_mib=round(pool["model_bytes"] / 2**20, 1),
                    peak_rss_over_model=round(row["peak_rss_mib"] / (pool["model_bytes"] / 2**20), 2),
                    merge_rss_over_model=round((row["peak_rss_mib"] - row["rss_after_imports_mib"])
                                               / (pool["model_bytes"] / 2**20), 2),
                    machine=f"{platform.machine()}, {os.cpu_count()} CPUs",
                    command=" ".join(["python", "benchmarks/llm_performance.py", "--shape", args.shape, "--tasks",
-                                     str(args.tasks), "--dtype", args.dtype]))
+                                     str(args.tasks), "--dtype", args.dtype, "--svd-method", args.svd_method]))
         print(json.dumps(row))
         rows.append(row)
     if len({r["checksum"] for r in rows}) > 1:
