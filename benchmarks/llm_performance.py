@@ -26,6 +26,7 @@ import platform
 import resource
 import shutil
 import subprocess
+from typing import List
 import sys
 import time
 from pathlib import Path
@@ -163,6 +164,26 @@ def main() -> None:
     )
     write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(header + table))
     print(header + table)
+    if args.out == RESULTS:
+        add_to_performance_table(rows)
+
+
+def add_to_performance_table(rows: List[dict]) -> None:
+    """Upsert the LLM rows into ``benchmarks/results/performance.{json,md}`` (the issue's common table):
+    model ``<shape> (LLM, <dtype>)``, impl ``tsv_merge (eager)`` / ``tsv_merge (lazy)``."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from performance import load_rows, save_rows
+
+    new = [
+        {"model": f"{r['shape']} (LLM, {r['dtype']})", "num_tasks": r["tasks"], "impl": f"tsv_merge ({r['mode']})",
+         "device": f"cpu ({r['machine']}, shared machine)", "wall_s": r["wall_s"],
+         "peak_rss_gb": round(r["peak_rss_mib"] / 1024, 3), "rss_after_import_gb": round(r["rss_after_imports_mib"] / 1024, 3),
+         "one_model_gb": round(r["model_mib"] / 1024, 3), "svd_method": r.get("svd_method", "gram"),
+         "torch_threads": r.get("torch_threads"), "status": "ok", "max_abs_diff": None}
+        for r in rows
+    ]
+    keys = {(r["model"], r["num_tasks"], r["impl"]) for r in new}
+    save_rows([r for r in load_rows() if (r["model"], r["num_tasks"], r["impl"]) not in keys] + new)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from fusion_bench_tsv.atomic import write_atomic
+
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 DEFAULT_CACHE = Path(os.environ.get("FBTSV_BENCH_CACHE", Path(tempfile.gettempdir()) / "fbtsv_bench"))
@@ -195,12 +197,8 @@ def save_rows(rows: List[dict]) -> None:
     order = {m: i for i, m in enumerate(MODELS)}
     rows.sort(key=lambda r: (r["device"], order.get(r["model"], 9), r["num_tasks"], r["impl"] != "tsv_merge", r["impl"]))
     doc = {"command": "OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/performance.py", "update": UPDATE, "rows": rows}
-    tmp = RESULTS / "performance.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, RESULTS / "performance.json")
-    tmp = RESULTS / "performance.md.tmp"
-    tmp.write_text(markdown(rows))
-    os.replace(tmp, RESULTS / "performance.md")
+    write_atomic(RESULTS / "performance.json", lambda p: p.write_text(json.dumps(doc, indent=1) + "\n"))
+    write_atomic(RESULTS / "performance.md", lambda p: p.write_text(markdown(rows)))
 
 
 def fmt(x, spec):
