@@ -22,7 +22,8 @@ from fusion_bench.modelpool import CausalLMPool
 from fusion_bench_tsv import STIAnalysis, TSVCompressAlgorithm, TSVMergeAlgorithm
 from fusion_bench_tsv.atomic import write_dir_atomic
 from fusion_bench_tsv.sharding import split_by_size
-from fusion_bench_tsv.streaming import LLM_EXCLUDE_KEYS, SafetensorsState
+from fusion_bench_tsv.safetensors_state import SafetensorsState
+from fusion_bench_tsv.streaming import LLM_EXCLUDE_KEYS
 from fusion_bench_tsv.synthetic import synthetic_task_state
 
 from conftest import run_fusion_bench

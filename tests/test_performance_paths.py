@@ -19,7 +19,8 @@ from fusion_bench_tsv.functional import (
     tsv_merge_factors,
     tsv_merge_matrix,
 )
-from fusion_bench_tsv.streaming import SafetensorsState, iter_finetuned_states
+from fusion_bench_tsv.safetensors_state import SafetensorsState
+from fusion_bench_tsv.streaming import iter_finetuned_states
 
 
 def matrix_with_spectrum(m: int, n: int, s: torch.Tensor, seed: int) -> torch.Tensor:

@@ -1,0 +1,136 @@
+"""A state dict read lazily from safetensors checkpoints, one tensor at a time, with no memory map.
+
+Used by :mod:`fusion_bench_tsv.streaming` to read fine-tuned (and pretrained) checkpoints layer by layer
+instead of building T models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["SAFETENSORS_FILE", "SAFETENSORS_INDEX", "SafetensorsState", "check_tensor_finite"]
+
+
+def check_tensor_finite(value: Tensor, model_name: str, key: str) -> None:
+    """Raise a ``ValueError`` naming the model and the key if a floating-point ``value`` holds NaN or Inf."""
+    if torch.is_floating_point(value) and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"model '{model_name}': parameter '{key}' contains NaN or Inf values")
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_files(path: Path) -> Tuple[List[Path], Optional[Dict[str, str]]]:
+    """The ``.safetensors`` files of a checkpoint (a file, an index ``.json`` or a directory holding
+    ``model.safetensors`` or ``model.safetensors.index.json``) and the index's weight map, if any."""
+    if path.is_dir():
+        if (path / SAFETENSORS_FILE).is_file():
+            return [path / SAFETENSORS_FILE], None
+        if (path / SAFETENSORS_INDEX).is_file():
+            path = path / SAFETENSORS_INDEX
+        else:
+            raise FileNotFoundError(f"{path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+    if path.suffix == ".json":
+        weight_map = json.loads(path.read_text()).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{path} is not a safetensors index: it has no 'weight_map'")
+        return [path.parent / f for f in sorted(set(weight_map.values()))], weight_map
+    return [path], None
+
+
+class SafetensorsState(Mapping[str, Tensor]):
+    """A read-only state dict backed by safetensors files, read one tensor at a time.
+
+    ``path`` is a ``.safetensors`` file, a sharded checkpoint's ``model.safetensors.index.json``, or a
+    directory holding either (as ``save_pretrained`` writes them). Only the JSON headers are parsed up
+    front (names, dtypes, shapes). ``state[key]`` reads that tensor with a plain positioned read (no
+    memory map, so nothing of the file stays resident), casts it to the dtype of ``reference[key]`` (as
+    ``from_pretrained`` would load it into the reference's architecture) and checks it for NaN/Inf,
+    raising the ``check_finite`` error naming the model.
+
+    ``aliases`` maps keys that the files do not hold to keys they do: tied weights (``lm_head.weight``
+    of a model with ``tie_word_embeddings`` is saved once, as ``model.embed_tokens.weight``).
+    """
+
+    def __init__(
+        self,
+        path: os.PathLike,
+        model_name: str,
+        reference: Optional[Mapping[str, Tensor]] = None,
+        aliases: Optional[Mapping[str, str]] = None,
+    ):
+        self.path, self.model_name, self.reference = Path(path), model_name, reference
+        files, weight_map = _safetensors_files(self.path)
+        self._entries: Dict[str, Tuple[Path, int, dict]] = {}
+        for file in files:
+            with open(file, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            header.pop("__metadata__", None)
+            for key, entry in header.items():
+                self._entries[key] = (file, 8 + size, entry)
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self._entries]
+            if lost:
+                raise ValueError(
+                    f"model '{model_name}': {self.path} lists parameters its shards do not hold: {lost[:5]}"
+                )
+        self.aliases = {k: v for k, v in (aliases or {}).items() if k not in self._entries}
+        for key, target in self.aliases.items():
+            if target not in self._entries:
+                raise KeyError(f"model '{model_name}': alias '{key}' -> '{target}': '{target}' is not in {self.path}")
+
+    def __getitem__(self, key: str) -> Tensor:
+        file, start, entry = self._entries[self.aliases.get(key, key)]  # KeyError for unknown keys, as a dict
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(file, "rb", buffering=0) as f:
+            f.seek(start + begin)
+            if f.readinto(buffer) != len(buffer):
+                raise ValueError(f"model '{self.model_name}': file {file} is truncated at parameter '{key}'")
+        dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+        value = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        value = value.reshape(entry["shape"])
+        if self.reference is not None and key in self.reference and self.reference[key].dtype != dtype:
+            value = value.to(self.reference[key].dtype)
+        check_tensor_finite(value, self.model_name, key)
+        return value
+
+    def shape_of(self, key: str) -> torch.Size:
+        return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
+
+    def nbytes_of(self, key: str) -> int:
+        begin, end = self._entries[self.aliases.get(key, key)][2]["data_offsets"]
+        return end - begin
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._entries
+        yield from self.aliases
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self.aliases)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries or key in self.aliases
