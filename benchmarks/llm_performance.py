@@ -23,7 +23,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import shutil
 import subprocess
 from typing import List
@@ -44,15 +43,11 @@ TASK_NAMES = ("math", "code", "instruction", "chat", "task5", "task6", "task7", 
 
 
 def rss_mib() -> float:
-    """Peak resident memory of this process (MiB): ``VmHWM`` (``ru_maxrss`` would carry over the parent's
-    peak through ``fork``/``exec``)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:  # pragma: no cover - not Linux
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process (MiB), as ``performance.py`` measures it (``VmHWM``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from performance import peak_rss_mib
+
+    return peak_rss_mib()
 
 
 def make_pool(work: Path, shape: str, num_tasks: int, dtype: str) -> dict:

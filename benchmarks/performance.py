@@ -6,7 +6,8 @@ Hugging Face checkpoints in a cache directory (not in the repository), and merge
 with each implementation in its own process, one process at a time, each under an address-space cap so
 that running out of memory gives a row saying so. Measures the wall time of ``algorithm.run(modelpool)``
 (loading included: both load the models from the same local pool), the child's peak RSS
-(``getrusage(RUSAGE_SELF).ru_maxrss``), and max |Δ| between the two merged models.
+(``VmHWM`` of that process; rows measured before this session's fix used ``ru_maxrss``, which carries
+the parent's peak through fork/exec, so a row whose peak equals its ``rss_after_import_gb`` is an upper bound), and max |Δ| between the two merged models.
 
 Usage (from the repository root)::
 
@@ -51,6 +52,18 @@ MODELS: Dict[str, dict] = {
 UPDATE = dict(rank=8, scale=2e-3, noise=1e-4)
 IMPLS = ("tsv_merge", "fusion_bench_tsvm")
 
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process (MiB): ``VmHWM`` (``ru_maxrss`` would carry over the parent's
+    peak through ``fork``/``exec``)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 def slug(model: str) -> str:
     return model.replace("/", "-")
@@ -119,7 +132,7 @@ def child(args) -> None:
         algorithm = TaskSingularVectorMerging(alpha=1.0)
         if args.device:
             algorithm.fabric  # noqa: B018  (FusionBench uses the Fabric device)
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    rss_before = peak_rss_mib() / 1024
     if args.device and args.device.startswith("cuda"):
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -128,7 +141,7 @@ def child(args) -> None:
     if args.device and args.device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+    peak = peak_rss_mib() / 1024
     profile = {}
     if hasattr(algorithm, "_profiler") and algorithm._profiler is not None:
         profile = {k: round(sum(v), 3) for k, v in algorithm._profiler.recorded_durations.items()}
