@@ -55,8 +55,9 @@ from .functional import (
 )
 from .atomic import write_atomic
 from .streaming import (
-    DEFAULT_EXCLUDE_KEYS,
     check_finite,
+    DEFAULT_EXCLUDE_KEYS,
+    finetuned_model_names,
     iter_finetuned_states,
     load_pretrained_model,
     split_keys,
@@ -158,11 +159,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         """Analyse ``modelpool`` and write the results; returns ``None`` (nothing to evaluate)."""
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
-        names = list(modelpool.model_names)
-        if len(names) < 2:
-            raise ValueError(
-                f"STI needs at least 2 fine-tuned models in the modelpool, got {len(names)}: {names}"
-            )
+        names = finetuned_model_names(modelpool, "STI", minimum=2)
         device = self._device()
         with self.profile("load pretrained"):
             pretrained = load_pretrained_model(modelpool)

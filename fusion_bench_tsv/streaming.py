@@ -32,6 +32,7 @@ LLM_EXCLUDE_KEYS = ("*embed_tokens*", "*lm_head*", "*text_projection*")
 ``lm_head`` are averaged (TSV-M) / kept in full (TSV-C) / not analysed (STI) instead of decomposed."""
 
 __all__ = [
+    "finetuned_model_names",
     "DEFAULT_EXCLUDE_KEYS",
     "LLM_EXCLUDE_KEYS",
     "StateDict",
@@ -65,6 +66,16 @@ def state_dict_of(model: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tenso
     if isinstance(model, Mapping):
         return model
     raise TypeError(f"expected an nn.Module or a state dict, got {type(model).__name__}")
+
+
+def finetuned_model_names(modelpool, purpose: str, minimum: int = 1) -> List[str]:
+    """The fine-tuned models' names, or a ``ValueError`` when the pool has fewer than ``minimum`` of them."""
+    names = list(modelpool.model_names)
+    if not names:
+        raise ValueError(f"the modelpool has no fine-tuned models to {purpose} (only '_pretrained_' or nothing)")
+    if len(names) < minimum:
+        raise ValueError(f"{purpose} needs at least {minimum} fine-tuned models in the modelpool, got {len(names)}: {names}")
+    return names
 
 
 def is_excluded(key: str, patterns: Iterable[str]) -> bool:

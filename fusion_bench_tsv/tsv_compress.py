@@ -46,8 +46,9 @@ from .functional import check_rank_options, compress_matrix, compute_dtype, laye
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
 from .atomic import write_atomic
 from .streaming import (
-    DEFAULT_EXCLUDE_KEYS,
     check_finite,
+    DEFAULT_EXCLUDE_KEYS,
+    finetuned_model_names,
     iter_finetuned_states,
     load_pretrained_model,
     split_keys,
@@ -133,10 +134,8 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         """
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
-        names = list(modelpool.model_names)
+        names = finetuned_model_names(modelpool, "compress")
         num_tasks = len(names)
-        if num_tasks == 0:
-            raise ValueError("the modelpool has no fine-tuned models to compress (only '_pretrained_' or nothing)")
         device = self._device()
         with self.profile("load pretrained"):
             pretrained = load_pretrained_model(modelpool)

@@ -42,6 +42,7 @@ from .hf_checkpoint import save_hf_model
 from .sharding import send_to_rank_zero, split_by_size
 from .streaming import (
     check_finite,
+    finetuned_model_names,
     iter_finetuned_states,
     iter_layers,
     load_pretrained_model,
@@ -153,10 +154,8 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         ranks of a multi-process Fabric run return None)."""
         if not isinstance(modelpool, BaseModelPool):
             modelpool = BaseModelPool(modelpool)
-        names = list(modelpool.model_names)
+        names = finetuned_model_names(modelpool, "merge")
         num_tasks = len(names)
-        if num_tasks == 0:
-            raise ValueError("the modelpool has no fine-tuned models to merge (only '_pretrained_' or nothing)")
         task_scales, final_scale = resolve_alpha(self.alpha, num_tasks)
         exclude = list(self.exclude_keys or [])
         device = self._device()
