@@ -6,7 +6,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Optional, Union
 
 __all__ = ["write_atomic", "write_dir_atomic"]
 
@@ -49,4 +49,13 @@ def write_dir_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None
             os.replace(old, path)
         raise
     shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def expand_log_dir(path: str, log_dir: Optional[str], option: str = "save_path") -> str:
+    """Replace ``{log_dir}`` in an output path option by the run's log directory (FusionBench's convention)."""
+    if "{log_dir}" in path:
+        if log_dir is None:
+            raise ValueError(f"option '{option}'={path!r} uses {{log_dir}} but this run has no log dir")
+        path = path.format(log_dir=log_dir)
     return path

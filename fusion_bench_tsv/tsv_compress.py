@@ -44,7 +44,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from .compressed_checkpoint import CompressedTask, build_task_model, save_compressed, storage_accounting
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
-from .atomic import write_atomic
+from .atomic import expand_log_dir, write_atomic
 from .streaming import (
     check_finite,
     DEFAULT_EXCLUDE_KEYS,
@@ -193,7 +193,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
 
         checkpoint = None
         if self.save_path is not None:
-            checkpoint = os.path.normpath(self._format_path(self.save_path))
+            checkpoint = os.path.normpath(expand_log_dir(self.save_path, self.log_dir))
             with self.profile("save checkpoint"):
                 save_compressed(
                     checkpoint, tasks, state_dict_of(pretrained),
@@ -268,13 +268,6 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         return result
 
     # ------------------------------------------------------------------ helpers
-    def _format_path(self, path: str) -> str:
-        if "{log_dir}" in path:
-            if self.log_dir is None:
-                raise ValueError(f"option 'save_path'={path!r} uses {{log_dir}} but this run has no log dir")
-            path = path.format(log_dir=self.log_dir)
-        return path
-
     @staticmethod
     def _base_model_name(modelpool: BaseModelPool) -> str:
         try:

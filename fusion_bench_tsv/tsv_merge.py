@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 
+from .atomic import expand_log_dir
 from .functional import SVD_METHODS, SVDFactors, compute_dtype, layer_rank, truncated_svd, tsv_merge_factors
 from .hf_checkpoint import save_hf_model
 from .sharding import send_to_rank_zero, split_by_size
@@ -225,11 +226,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
 
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
         """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
-        path = self.save_path
-        if "{log_dir}" in path:
-            if self.log_dir is None:
-                raise ValueError(f"option 'save_path'={path!r} uses {{log_dir}} but this run has no log dir")
-            path = path.format(log_dir=self.log_dir)
+        path = expand_log_dir(self.save_path, self.log_dir)
         tokenizer = None
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()
