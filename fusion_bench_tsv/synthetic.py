@@ -28,8 +28,15 @@ def synthetic_task_state(
     rank: int = 4,
     scale: float = 0.02,
     noise: float = 1e-3,
+    decay: Optional[float] = None,
 ) -> Dict[str, Tensor]:
-    """θ₀ + a synthetic task update: ``scale·A·B`` (rank ``rank``) + ``noise·N`` on matrices, noise elsewhere."""
+    """θ₀ + a synthetic task update: a rank-``rank`` part plus ``noise·N`` on matrices, noise elsewhere.
+
+    ``decay=None``: the low-rank part is ``scale·A·B`` with Gaussian factors (``rank`` singular values of
+    about the same size, entries of RMS ``scale``). ``decay=d``: it is ``P diag(j^(-d)) Qᵀ`` with random
+    orthonormal ``P, Q``, rescaled to entries of RMS ``scale``: a smoothly decaying spectrum, as fine-tuned
+    task matrices have, so the top-k truncation is well posed at every k below ``rank``.
+    """
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for key, value in base.items():
@@ -41,9 +48,16 @@ def synthetic_task_state(
         if work.dim() == 2:
             m, n = work.shape
             k = min(rank, m, n)
-            a = torch.randn(m, k, generator=gen) / k**0.5
-            b = torch.randn(k, n, generator=gen)
-            update += scale * (a @ b)
+            if decay is None:
+                a = torch.randn(m, k, generator=gen) / k**0.5
+                b = torch.randn(k, n, generator=gen)
+                update += scale * (a @ b)
+            else:
+                p = torch.linalg.qr(torch.randn(m, k, generator=gen)).Q
+                q = torch.linalg.qr(torch.randn(n, k, generator=gen)).Q
+                spectrum = torch.arange(1, k + 1, dtype=torch.float32) ** (-decay)
+                spectrum *= scale * (m * n) ** 0.5 / spectrum.norm()  # ‖low-rank‖_F = scale·sqrt(mn)
+                update += (p * spectrum) @ q.T
         out[key] = (work + update).to(value.dtype)
     return out
 

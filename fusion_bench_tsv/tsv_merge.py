@@ -26,7 +26,11 @@ Options from the command line, e.g. ``method.alpha=1.5 method.rank=16 method.dev
 from __future__ import annotations
 
 import logging
-from collections import Counter
+import threading
+import time
+from collections import Counter, deque
+from concurrent.futures import Future
+from contextlib import contextmanager
 from copy import deepcopy
 from typing import Dict, List, Optional, Sequence, Union
 
@@ -40,6 +44,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from .atomic import expand_log_dir
 from .functional import SVD_METHODS, SVDFactors, compute_dtype, layer_rank, truncated_svd, tsv_merge_factors
 from .hf_checkpoint import save_hf_model
+from .parallel import LayerExecutor, resolve_workers
 from .sharding import send_to_rank_zero, split_by_size
 from .streaming import (
     check_finite,
@@ -115,6 +120,11 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             not atomically).
         max_shard_size: largest safetensors shard of ``save_path`` (``save_pretrained``'s option).
         save_tokenizer: with ``save_path``, also save the pool's tokenizer (when the pool has one).
+        num_workers: threads that decompose matrices side by side, each with one BLAS thread (LAPACK's
+            eigensolvers and SVDs of these sizes barely use a second BLAS thread; two matrices at once do).
+            ``None`` (default): the CPU cores available (divided among Fabric processes) when the math
+            runs on the CPU, 1 on a GPU. 0 or 1: everything in the calling thread with torch's threads.
+            The result does not depend on it (each job always runs single-threaded when it is > 1).
 
     With a Fabric strategy of several processes (e.g. ``fabric.strategy=ddp fabric.devices=2``), the
     parameters are split across the ranks by size, each rank merges its share (reading only those
@@ -134,6 +144,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         save_path: Optional[str] = None,
         max_shard_size: Union[str, int] = "5GB",
         save_tokenizer: bool = True,
+        num_workers: Optional[int] = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -141,6 +152,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             raise ValueError(f"option 'svd_method' must be one of {list(SVD_METHODS)}, got {svd_method!r}")
         if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
             raise ValueError(f"option 'rank' must be a positive integer or null, got {rank!r}")
+        resolve_workers(num_workers, torch.device("cpu"))  # validates the option
 
     def _device(self) -> torch.device:
         return torch.device(self.device) if self.device is not None else self.fabric.device
@@ -179,6 +191,9 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             log.info(f"TSV-M: rank {rank}/{world} merges {len(mine)} of {len(keys)} parameters")
         layer = _LayerMerge(self, ranks, task_scales, final_scale, num_tasks, device)
         results: Dict[str, Tensor] = {}
+        workers = resolve_workers(self.num_workers, device, world)
+        if workers > 1:
+            log.info(f"TSV-M: {workers} worker threads, one BLAS thread each")
 
         def keep(key: str, value: Tensor) -> None:
             if rank == 0:
@@ -187,30 +202,47 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 results[key] = value
 
         lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
-        if lazy_states is not None:
-            # layer-outer: θ₀[key] and each task's [key], merged and written before the next layer
-            for key, values in iter_layers(lazy_states, mine, desc="TSV-M: layers", show_pbar=self.show_pbar):
-                acc, values = None, iter(values)
-                for i in range(num_tasks):
-                    with self.profile("read tensors"):
-                        value = next(values)
-                    acc = layer.add(acc, key, layer.task_part(key, base[key], value, i))
-                    del value
-                keep(key, layer.merged(key, base[key], acc))
-        else:
-            # model-outer: one fine-tuned model resident at a time, factors and sums kept per layer
-            accs: Dict[str, object] = {}
-            for i, name, state in iter_finetuned_states(
-                modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar,
-                profile=self.profile, lazy=self.lazy_loading,
-            ):
-                for key in tqdm(mine, desc=f"  {name}", leave=False, disable=not self.show_pbar):
-                    with self.profile("read tensors"):
-                        value = state[key]  # a SafetensorsState reads the tensor here
-                    accs[key] = layer.add(accs.get(key), key, layer.task_part(key, base[key], value, i))
-                    del value
-            for key in tqdm(mine, desc="TSV-M: merging", disable=not self.show_pbar):
-                keep(key, layer.merged(key, base[key], accs.pop(key)))
+        # tensors are read in this thread and decomposed by the workers; merged layers are written in order,
+        # at most `window` layers behind the reader
+        window, pending = 2 * workers, deque()
+
+        def finish(limit: int) -> None:
+            while len(pending) > limit:
+                key, future = pending.popleft()
+                keep(key, future.result())
+
+        with LayerExecutor(workers) as pool:
+            if lazy_states is not None:
+                # layer-outer: θ₀[key] and each task's [key], merged and written before the next layers
+                for key, values in iter_layers(lazy_states, mine, desc="TSV-M: layers", show_pbar=self.show_pbar):
+                    job, values = _ParameterJob(layer, key, base[key]), iter(values)
+                    for i in range(num_tasks):
+                        with self.profile("read tensors"):
+                            value = next(values)
+                        pool.submit(job.run_part, i, value)
+                        del value
+                    pending.append((key, job.result))
+                    del job
+                    finish(window)
+            else:
+                # model-outer: one fine-tuned model resident at a time, factors and sums kept per layer
+                accs: Dict[str, object] = {}
+                for i, name, state in iter_finetuned_states(
+                    modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar,
+                    profile=self.profile, lazy=self.lazy_loading,
+                ):
+                    parts = {}
+                    for key in tqdm(mine, desc=f"  {name}", leave=False, disable=not self.show_pbar):
+                        with self.profile("read tensors"):
+                            value = state[key]  # a SafetensorsState reads the tensor here
+                        parts[key] = pool.submit(layer.task_part, key, base[key], value, i)
+                        del value
+                    for key in mine:  # in task order, so sums are the same whatever the number of workers
+                        accs[key] = layer.add(accs.get(key), key, parts.pop(key).result())
+                for key in tqdm(mine, desc="TSV-M: merging", disable=not self.show_pbar):
+                    pending.append((key, pool.submit(layer.merged, key, base[key], accs.pop(key))))
+                    finish(window)
+            finish(0)
 
         if world > 1:
             with self.profile("gather on rank 0"):
@@ -264,18 +296,35 @@ class _LayerMerge:
         self.algorithm, self.ranks, self.device = algorithm, ranks, device
         self.task_scales, self.final_scale, self.num_tasks = task_scales, final_scale, num_tasks
         self.method = algorithm.svd_method
+        self._lock = threading.Lock()
 
-    def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int):
+    @contextmanager
+    def timed(self, action: str):
+        """The algorithm's profiler, from any thread (times of concurrent jobs add up)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.algorithm.profiler.recorded_durations[action].append(time.perf_counter() - start)
+
+    def theta0_work(self, key: str, theta0: Tensor) -> Tensor:
+        """θ₀[key] on the compute device in the dtype its task updates are computed in."""
         work = compute_dtype(theta0.dtype)
         if key in self.ranks and self.method != "svd":
             # the Gram paths keep the factors in float64: UᵀU is ill-conditioned when Tk ≈ r,
             # and float32 factors would lose cond(U)·eps32 in U (UᵀU)^(-1/2)
             work = torch.float64
-        delta = value.to(self.device, work) - theta0.to(self.device, work)
+        return theta0.to(self.device, work)
+
+    def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int):
+        """Task i's contribution; ``theta0`` as it is or already converted by ``theta0_work``."""
+        theta0 = self.theta0_work(key, theta0)
+        delta = value.to(self.device, theta0.dtype, copy=True).sub_(theta0)
         if self.task_scales[i] != 1.0:
             delta.mul_(self.task_scales[i])
         if key in self.ranks:
-            with self.algorithm.profile("truncated svd"):
+            with self.timed("truncated svd"):
                 return truncated_svd(delta, self.ranks[key], self.method)
         return delta
 
@@ -286,10 +335,42 @@ class _LayerMerge:
         return part if acc is None else acc.add_(part)
 
     def merged(self, key: str, theta0: Tensor, acc) -> Tensor:
-        with self.algorithm.profile("merge"):
+        with self.timed("merge"):
             if isinstance(acc, list):
                 update = tsv_merge_factors(acc, "svd" if self.method == "svd" else "gram")
             else:
                 update = acc.div_(self.num_tasks)
             update.mul_(self.final_scale)
             return (theta0.to(self.device, update.dtype) + update).to(theta0.device, theta0.dtype)
+
+
+class _ParameterJob:
+    """The T task parts of one parameter, computed by whichever workers are free; the worker that finishes
+    the last part merges them (no worker ever waits for another). ``result`` is a future of ``θ₀ + α·M``."""
+
+    def __init__(self, layer: _LayerMerge, key: str, theta0: Tensor):
+        self.layer, self.key, self.theta0 = layer, key, theta0
+        self.theta0_work = layer.theta0_work(key, theta0)
+        self.parts: List[object] = [None] * layer.num_tasks
+        self.left = layer.num_tasks
+        self.lock = threading.Lock()
+        self.result: Future = Future()
+
+    def run_part(self, i: int, value: Tensor) -> None:
+        try:
+            part = self.layer.task_part(self.key, self.theta0_work, value, i)
+            del value
+            with self.lock:
+                self.parts[i] = part
+                self.left -= 1
+                last = self.left == 0
+            if last:
+                acc = None
+                for part in self.parts:  # in task order, whatever order the workers finished in
+                    acc = self.layer.add(acc, self.key, part)
+                self.parts, self.theta0_work = [], None
+                self.result.set_result(self.layer.merged(self.key, self.theta0, acc))
+        except BaseException as e:
+            with self.lock:
+                if not self.result.done():
+                    self.result.set_exception(e)

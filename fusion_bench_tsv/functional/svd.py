@@ -12,10 +12,7 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-try:  # SciPy's LAPACK wrappers can compute a subset of eigenvectors; torch.linalg.eigh cannot
-    from scipy.linalg import eigh as _scipy_eigh
-except ImportError:  # pragma: no cover
-    _scipy_eigh = None
+from . import lapack
 
 __all__ = [
     "SVDFactors",
@@ -25,6 +22,7 @@ __all__ = [
     "concat_factors",
     "orthogonalize",
     "inv_sqrt_gram",
+    "gram",
     "eigh_top",
     "SVD_METHODS",
 ]
@@ -121,7 +119,7 @@ def _top_k_gram(a: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     m, n = a.shape
     wide = m < n
     x = (a.T if wide else a).to(torch.float64)  # tall: rows >= columns
-    w, q = eigh_top(x.T @ x, k)
+    w, q = eigh_top(gram(x), k)
     s = w.clamp_min(0).sqrt()
     # U = X V / σ loses accuracy like eps·σ_max/σ; demand σ_k >= 1e-6 σ_1 (float64 keeps ~1e-10)
     if s[0] <= 0 or s[-1] < 1e-6 * s[0]:
@@ -133,18 +131,42 @@ def _top_k_gram(a: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     return u.to(dtype), s.to(dtype), q.T.to(dtype)
 
 
+def gram(x: Tensor, blocks: int = 4) -> Tensor:
+    r"""The Gram matrix :math:`X^\top X` (``n × n``) of an ``m × n`` matrix.
+
+    Only the blocks on and above the diagonal are multiplied (``blocks`` column blocks: 10 of 16 products
+    for 4), the others are their transposes: about 1.5× faster than ``x.T @ x`` and exactly symmetric.
+    """
+    n = x.shape[1]
+    if n < 128 * blocks:
+        g = x.T @ x
+        return (g + g.T) / 2
+    edges = [n * i // blocks for i in range(blocks + 1)]
+    cols = [x[:, edges[i] : edges[i + 1]] for i in range(blocks)]
+    g = x.new_empty(n, n)
+    for i in range(blocks):
+        for j in range(i, blocks):
+            block = cols[i].T @ cols[j]
+            g[edges[i] : edges[i + 1], edges[j] : edges[j + 1]] = block
+            if j != i:
+                g[edges[j] : edges[j + 1], edges[i] : edges[i + 1]] = block.T
+    return g
+
+
 def eigh_top(g: Tensor, k: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """Largest ``k`` (default: all) eigenpairs of a symmetric matrix, eigenvalues in descending order.
 
-    On the CPU, float64 input goes to LAPACK ``dsyevr`` through SciPy, which computes only the
-    requested eigenvectors (MRRR); elsewhere (CUDA) ``torch.linalg.eigh``.
+    On the CPU, float32/float64 input goes to LAPACK ``?syevr`` (MRRR: only the requested eigenvectors
+    are computed) without holding the GIL (:mod:`.lapack`), so threads can decompose several matrices at
+    once; elsewhere (CUDA) ``torch.linalg.eigh``.
     """
     n = g.shape[-1]
     k = n if k is None else k
-    if g.device.type == "cpu" and g.dtype == torch.float64 and _scipy_eigh is not None:
-        subset = None if k == n else [n - k, n - 1]
-        w, q = _scipy_eigh(g.numpy(), subset_by_index=subset, driver="evr" if subset else "evd", check_finite=False)
-        return torch.from_numpy(w[::-1].copy()), torch.from_numpy(q[:, ::-1].copy())
+    if g.device.type == "cpu" and g.dim() == 2 and lapack.available(g.numpy().dtype):
+        out = lapack.syevr_top(g.numpy().copy(), k)
+        if out is not None:
+            w, q = out
+            return torch.from_numpy(w[::-1].copy()), torch.from_numpy(q[:, ::-1].copy())
     w, q = torch.linalg.eigh(g)
     return w.flip(-1)[..., :k], q.flip(-1)[..., :k]
 
@@ -211,7 +233,7 @@ def inv_sqrt_gram(a: Tensor) -> Optional[Tensor]:
     if a.shape[1] > a.shape[0]:
         return None
     x = a.to(torch.float64)
-    lam, q = eigh_top(x.T @ x)
+    lam, q = eigh_top(gram(x))
     if lam[0] <= 0 or lam[-1] <= lam[0] / GRAM_COND_LIMIT:
         return None
     return (q * lam.rsqrt()) @ q.T
