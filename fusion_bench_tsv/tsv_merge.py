@@ -100,14 +100,15 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         device: where the linear algebra runs; ``None`` (default) is the Fabric device, so a GPU is
             used when there is one. The merged model stays where the pretrained model was loaded.
         show_pbar: show progress bars over models and layers.
-        svd_method: how each task's top-k triplets are computed. ``"svd"`` (default): full SVDs in
-            float32 (float64 stays float64), the same per-task factors as FusionBench's TSVM, whose merged
-            model ours equals to 1e-5. ``"gram"``: eigenvectors of the smaller Gram matrix in float64
-            (only the top k, LAPACK ``dsyevr``), and the orthogonalization by whitening the ``Tk × Tk``
-            Gram matrices in float64 (SVD fallback when ill-conditioned); factors kept in float64. Closer
-            to a float64 evaluation than float32 SVDs and faster, but it differs from FusionBench's float32
-            result by that float32 round-off (up to 8e-4 on ViT-B/32-shaped pools). ``"randomized"``:
-            randomized SVD, approximate (its error is reported in ``benchmarks/results``).
+        svd_method: how each task's top-k triplets are computed. ``"gram"`` (default): eigenvectors of the
+            smaller Gram matrix formed and decomposed in float64 (only the top k, LAPACK ``dsyevr``), and the
+            orthogonalization by whitening the ``Tk × Tk`` Gram matrices in float64 (SVD fallback when
+            ill-conditioned): a float64 evaluation of TSV-M (1e-9 from float64 SVDs in the tests), faster than
+            float32 SVDs. It differs from FusionBench's float32 result by that float32 round-off (≤ 1e-6 on
+            ViT-shaped pools with smoothly decaying task spectra, up to 8e-4 where the top-k cut falls inside a
+            flat noise spectrum, see ``benchmarks/results/performance.md``). ``"svd"``: full SVDs in float32
+            (float64 stays float64), FusionBench's own factors: the merged model equals FusionBench's to 1e-5.
+            ``"randomized"``: randomized SVD, approximate.
         lazy_loading: read fine-tuned checkpoints tensor by tensor from ``model.safetensors`` (or its
             shards) where the pool allows (a ``CLIPVisionModelPool`` or ``CausalLMPool`` entry that is a
             local directory) instead of building each model. When every fine-tuned model can be read so,
@@ -139,7 +140,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         rank: Optional[int] = None,
         device: Optional[str] = None,
         show_pbar: bool = True,
-        svd_method: str = "svd",
+        svd_method: str = "gram",
         lazy_loading: bool = True,
         save_path: Optional[str] = None,
         max_shard_size: Union[str, int] = "5GB",

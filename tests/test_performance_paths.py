@@ -206,7 +206,8 @@ def test_lazy_merge_equals_eager_merge_and_gram_equals_svd(tiny_pool):
     lazy_svd = TSVMergeAlgorithm(show_pbar=False, svd_method="svd").run(_local_pool(tiny_pool)).state_dict()
     for key in lazy_gram:
         assert torch.equal(lazy_gram[key], eager_gram[key]), key
-        torch.testing.assert_close(lazy_gram[key], lazy_svd[key], rtol=0, atol=1e-5, msg=key)
+        # float64 Gram paths vs float32 SVDs: they differ by the float32 round-off only
+        torch.testing.assert_close(lazy_gram[key], lazy_svd[key], rtol=0, atol=1e-4, msg=key)
 
 
 def test_lazy_errors_name_model_and_key(tiny_pool, tmp_path):

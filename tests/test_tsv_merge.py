@@ -47,27 +47,34 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, skip=()) -> float:
     return max((sa[k] - sb[k]).abs().max().item() for k in sa if k not in skip)
 
 
+#: max |Δ| to FusionBench's TSVM: "svd" runs its float32 SVDs (same factors); "gram" is float64 throughout,
+#: so it differs by FusionBench's float32 round-off (the issue's bar for an exact implementation: 1e-4)
+TOLERANCE = {"svd": 1e-5, "gram": 1e-4}
+
+
+@pytest.mark.parametrize("svd_method", ["svd", "gram"])
 @pytest.mark.parametrize("num_tasks", [8, 12])
-def test_equals_fusion_bench_tsvm_in_memory(num_tasks):
+def test_equals_fusion_bench_tsvm_in_memory(num_tasks, svd_method):
     models = make_pool_models(num_tasks)
-    ours = TSVMergeAlgorithm(alpha=1.0, show_pbar=False, device="cpu").run(copy_pool(models))
+    ours = TSVMergeAlgorithm(alpha=1.0, show_pbar=False, device="cpu", svd_method=svd_method).run(copy_pool(models))
     ref = TaskSingularVectorMerging(alpha=1.0).run(copy_pool(models))
     # matrices: 32×32 attention, 80×32 / 32×80 MLP (rectangular), 17×32 position embedding;
     # with T=12, k = floor(r/T) leaves r − Tk components unused (T does not divide r)
-    assert max_abs_diff(ours, ref) <= 1e-5
+    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
     assert max_abs_diff(ours, models["_pretrained_"]) > 1e-3  # the merge did something
 
 
-def test_equals_fusion_bench_tsvm_on_local_disk_pool(tiny_pool):
+@pytest.mark.parametrize("svd_method", ["svd", "gram"])
+def test_equals_fusion_bench_tsvm_on_local_disk_pool(tiny_pool, svd_method):
     """The on-disk local pool of 8 tasks, loaded through FusionBench's CLIPVisionModelPool."""
     from fusion_bench.modelpool import CLIPVisionModelPool
 
     models = {"_pretrained_": str(tiny_pool["pretrained"]), **{t: str(p) for t, p in tiny_pool["paths"].items()}}
     pool = lambda: CLIPVisionModelPool(models=models, processor=str(tiny_pool["pretrained"]))  # noqa: E731
-    ours = TSVMergeAlgorithm(show_pbar=False).run(pool())
+    ours = TSVMergeAlgorithm(show_pbar=False, svd_method=svd_method).run(pool())
     ref = TaskSingularVectorMerging(alpha=1.0).run(pool())
     assert len(tiny_pool["tasks"]) >= 8
-    assert max_abs_diff(ours, ref) <= 1e-5
+    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
 
 
 def test_rank_below_num_tasks_not_zeroed_unlike_fusion_bench():
