@@ -5,13 +5,15 @@ part plus small dense noise, :func:`fusion_bench_tsv.synthetic.synthetic_task_st
 Hugging Face checkpoints in a cache directory (not in the repository), and merges T = 8, 14, 20 of them
 with each implementation in its own process, one process at a time, each under an address-space cap so
 that running out of memory gives a row saying so. Measures the wall time of ``algorithm.run(modelpool)``
-(loading included: both load the models from the same local pool), the child's peak RSS
-(``VmHWM`` of that process; rows measured before this session's fix used ``ru_maxrss``, which carries
-the parent's peak through fork/exec, so a row whose peak equals its ``rss_after_import_gb`` is an upper bound), and max |Δ| between the two merged models.
+(loading included: both load the models from the same local pool), the child's peak RSS (``VmHWM`` of
+that process: ``ru_maxrss`` would carry the parent's peak through fork/exec), and max |Δ| between the two
+merged models. Each implementation runs with its defaults (torch's threads; ours: ``num_workers`` = cores).
 
 Usage (from the repository root)::
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/performance.py --models ViT-B/32 --num-tasks 8 14 20
+    PYTHONPATH=. python benchmarks/performance.py --models ViT-B/32 --num-tasks 8 14 20
+    PYTHONPATH=. python benchmarks/performance.py --models ViT-L/14 --num-tasks 20 --delete-pool
+    PYTHONPATH=. python benchmarks/performance.py --models ViT-B/32 --num-tasks 20 --update spiky
 
 Results are merged into ``benchmarks/results/performance.json`` (rows keyed by model, T, impl, device)
 and ``benchmarks/results/performance.md`` is regenerated from it.
@@ -182,12 +184,19 @@ def run_child(model: str, pool: Path, num_tasks: int, impl: str, work: Path, arg
         row["merged_path"] = str(out)
     else:
         text = log.read_text(errors="replace")
-        oom = "MemoryError" in text or "out of memory" in text.lower() or "std::bad_alloc" in text or proc.returncode in (-9, 137)
+        oom = is_out_of_memory(text, proc.returncode)
         row.update(wall_s=None, peak_rss_gb=None,
                    status=f"out of memory (address space capped at {args.mem_gb:g} GiB)" if oom else f"error rc={proc.returncode}")
         print(text[-2000:], flush=True)
     print(f"[run] -> {json.dumps({k: v for k, v in row.items() if k != 'merged_path'})}", flush=True)
     return row
+
+
+def is_out_of_memory(log: str, returncode: int) -> bool:
+    """Whether a child died for lack of memory (Python, C++ or mmap under the address-space cap, or SIGKILL)."""
+    text = " ".join(log.lower().split())  # rich tracebacks wrap lines
+    return (returncode in (-9, 137) or "memoryerror" in text or "out of memory" in text
+            or "std::bad_alloc" in text or "cannot allocate memory" in text)
 
 
 def device_name(device: Optional[str]) -> str:
@@ -263,6 +272,9 @@ def markdown(rows: List[dict]) -> str:
             icpt = my - slope * mx
             lines.append(f"- {model}, {update} updates, on {device}: tsv_merge wall ≈ {icpt:.1f} s + {slope:.2f} s × T "
                          f"(least squares over T = {', '.join(str(p[0]) for p in pts)}).")
+    for r in rows:
+        if r.get("note"):
+            lines.append(f"- {r['model']}, T = {r['num_tasks']}, {r['impl']} ({r['update']}): {r['note']}.")
     lines.append("")
     lines.append("max abs diff: largest |Δ| over all parameters between the two merged models of the same T.")
     lines.append("update: the synthetic task updates (benchmarks/performance.py UPDATES): " + "; ".join(
