@@ -230,3 +230,55 @@ def test_lazy_errors_name_model_and_key(tiny_pool, tmp_path):
     kinds = {name: type(state) for _, name, state in iter_finetuned_states(pool, reference, show_pbar=False, lazy=True)}
     assert kinds[task] is not SafetensorsState
     assert all(kind is SafetensorsState for name, kind in kinds.items() if name != task)
+
+
+# ----------------------------------------------------------------------------- threads and LAPACK
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("k", [1, 7, 40])
+def test_syevr_top_equals_scipy_eigh_subset(dtype, k):
+    """The GIL-free ctypes call of LAPACK ?syevr gives SciPy's eigh(subset_by_index) result bit for bit."""
+    import numpy as np
+    from scipy.linalg import eigh
+
+    from fusion_bench_tsv.functional.lapack import syevr_top
+
+    x = torch.randn(90, 40, generator=torch.Generator().manual_seed(k), dtype=torch.float64).to(dtype)
+    g = (x.T @ x).numpy()
+    g = (g + g.T) / 2  # exactly symmetric, as gram() makes it: then either triangle is the same matrix
+    original = g.copy()
+    w, z = syevr_top(g.copy(), k)
+    w_ref, z_ref = eigh(g, subset_by_index=[40 - k, 39], driver="evr")
+    np.testing.assert_array_equal(w, w_ref)
+    np.testing.assert_array_equal(np.abs(z), np.abs(z_ref))
+    np.testing.assert_array_equal(g, original)  # callers pass a copy; eigh_top does
+    lam, q = eigh_top(torch.from_numpy(original), k)
+    assert torch.all(lam[:-1] >= lam[1:])  # descending
+    torch.testing.assert_close(lam, torch.linalg.eigvalsh(torch.from_numpy(original)).flip(0)[:k])
+
+
+def test_num_workers_does_not_change_the_merge(tiny_pool):
+    """Every job runs on one BLAS thread when there are workers, so 2 and 3 workers agree bit for bit;
+    one worker (the calling thread, torch's threads) agrees to round-off."""
+    runs = {w: TSVMergeAlgorithm(show_pbar=False, num_workers=w).run(_local_pool(tiny_pool)).state_dict() for w in (1, 2, 3)}
+    for key, value in runs[2].items():
+        assert torch.equal(value, runs[3][key]), key
+        torch.testing.assert_close(value, runs[1][key], rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.parametrize("bad", [-1, 1.5, "2", True])
+def test_num_workers_option_is_validated(bad):
+    with pytest.raises(ValueError, match="option 'num_workers'"):
+        TSVMergeAlgorithm(num_workers=bad)
+
+
+def test_worker_errors_reach_the_caller_with_the_key():
+    from fusion_bench_tsv.parallel import LayerExecutor
+
+    def fail(key):
+        raise ValueError(f"parameter '{key}' is broken")
+
+    with LayerExecutor(2) as pool:
+        future = pool.submit(fail, "layers.0.weight")
+        with pytest.raises(ValueError, match="layers.0.weight"):
+            future.result()
+    assert torch.get_num_threads() >= 1  # the executor restored torch's threads
