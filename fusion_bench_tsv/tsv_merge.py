@@ -103,10 +103,10 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         svd_method: how each task's top-k triplets are computed. ``"gram"`` (default): eigenvectors of the
             smaller Gram matrix formed and decomposed in float64 (only the top k, LAPACK ``dsyevr``), and the
             orthogonalization by whitening the ``Tk × Tk`` Gram matrices in float64 (SVD fallback when
-            ill-conditioned): a float64 evaluation of TSV-M (1e-9 from float64 SVDs in the tests), faster than
-            float32 SVDs. It differs from FusionBench's float32 result by that float32 round-off (≤ 1e-6 on
-            ViT-shaped pools with smoothly decaying task spectra, up to 8e-4 where the top-k cut falls inside a
-            flat noise spectrum, see ``benchmarks/results/performance.md``). ``"svd"``: full SVDs in float32
+            ill-conditioned): a float64 evaluation of TSV-M (within 1e-7 relative of float64 SVDs in the
+            tests), faster than float32 SVDs. It differs from FusionBench's float32 result by that float32
+            round-off (1e-5 to 5e-5 on ViT-B pools with smoothly decaying task spectra, 7e-4 where the top-k
+            cut falls inside a flat noise spectrum, see ``benchmarks/results/performance.md``). ``"svd"``: full SVDs in float32
             (float64 stays float64), FusionBench's own factors: the merged model equals FusionBench's to 1e-5.
             ``"randomized"``: randomized SVD, approximate.
         lazy_loading: read fine-tuned checkpoints tensor by tensor from ``model.safetensors`` (or its

@@ -42,12 +42,13 @@ def _routine(name: str):
     return prototype(pointer), real
 
 
-def available(dtype: np.dtype) -> bool:
-    return np.dtype(dtype) in (np.float32, np.float64) and _routine(_name(dtype)) is not None
+def available(dtype) -> bool:
+    """Whether SciPy exports ``?syevr`` for this float32/float64 (NumPy or torch) dtype."""
+    return _routine(_name(dtype)) is not None
 
 
 def _name(dtype) -> str:
-    return "dsyevr" if np.dtype(dtype) == np.float64 else "ssyevr"
+    return "dsyevr" if "float64" in str(dtype) else "ssyevr"  # NumPy or torch dtypes
 
 
 def syevr_top(a: np.ndarray, k: int) -> Optional[tuple[np.ndarray, np.ndarray]]:

@@ -162,8 +162,8 @@ def eigh_top(g: Tensor, k: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """
     n = g.shape[-1]
     k = n if k is None else k
-    if g.device.type == "cpu" and g.dim() == 2 and lapack.available(g.numpy().dtype):
-        out = lapack.syevr_top(g.numpy().copy(), k)
+    if g.device.type == "cpu" and g.dim() == 2 and g.dtype in (torch.float32, torch.float64) and 1 <= k <= n:
+        out = lapack.syevr_top(g.detach().numpy().copy(), k) if lapack.available(g.dtype) else None
         if out is not None:
             w, q = out
             return torch.from_numpy(w[::-1].copy()), torch.from_numpy(q[:, ::-1].copy())
