@@ -346,14 +346,16 @@ class _LayerMerge:
 
 
 class _ParameterJob:
-    """The T task parts of one parameter, computed by whichever workers are free; the worker that finishes
-    the last part merges them (no worker ever waits for another). ``result`` is a future of ``θ₀ + α·M``."""
+    """The T task parts of one parameter, computed by whichever workers are free and accumulated in task
+    order as they arrive (a part that comes early waits for its predecessors, so a sum holds one running
+    total, not T tensors); the worker that adds the last part merges. No worker waits for another.
+    ``result`` is a future of ``θ₀ + α·M``."""
 
     def __init__(self, layer: _LayerMerge, key: str, theta0: Tensor):
         self.layer, self.key, self.theta0 = layer, key, theta0
         self.theta0_work = layer.theta0_work(key, theta0)
-        self.parts: List[object] = [None] * layer.num_tasks
-        self.left = layer.num_tasks
+        self.early: Dict[int, object] = {}  # parts that finished before their predecessors
+        self.next, self.acc = 0, None
         self.lock = threading.Lock()
         self.result: Future = Future()
 
@@ -362,14 +364,14 @@ class _ParameterJob:
             part = self.layer.task_part(self.key, self.theta0_work, value, i)
             del value
             with self.lock:
-                self.parts[i] = part
-                self.left -= 1
-                last = self.left == 0
+                self.early[i] = part
+                while self.next in self.early:
+                    self.acc = self.layer.add(self.acc, self.key, self.early.pop(self.next))
+                    self.next += 1
+                last = self.next == self.layer.num_tasks  # true in exactly one call: each part arrives once
+                if last:
+                    acc, self.acc, self.theta0_work = self.acc, None, None
             if last:
-                acc = None
-                for part in self.parts:  # in task order, whatever order the workers finished in
-                    acc = self.layer.add(acc, self.key, part)
-                self.parts, self.theta0_work = [], None
                 self.result.set_result(self.layer.merged(self.key, self.theta0, acc))
         except BaseException as e:
             with self.lock:
