@@ -174,7 +174,8 @@ def add_to_performance_table(rows: List[dict]) -> None:
          "device": f"cpu ({r['machine']}, shared machine)", "wall_s": r["wall_s"],
          "peak_rss_gb": round(r["peak_rss_mib"] / 1024, 3), "rss_after_import_gb": round(r["rss_after_imports_mib"] / 1024, 3),
          "one_model_gb": round(r["model_mib"] / 1024, 3), "svd_method": r.get("svd_method", "gram"),
-         "torch_threads": r.get("torch_threads"), "status": "ok", "max_abs_diff": None}
+         "torch_threads": r.get("torch_threads"), "status": "ok", "max_abs_diff": None,
+         "update": "see llm_performance.md"}
         for r in rows
     ]
     keys = {(r["model"], r["num_tasks"], r["impl"]) for r in new}

@@ -40,15 +40,19 @@ def resolve_workers(num_workers: Optional[int], device: torch.device, world_size
 class LayerExecutor:
     """A context manager that runs jobs on ``workers`` threads (in the caller's thread when ``workers <= 1``).
 
-    ``submit`` blocks while ``max_pending`` jobs are unfinished, so a reader that submits one job per
-    tensor it reads never runs more than that far ahead of the math (memory stays bounded). While the
-    pool is open, torch and the BLAS libraries it or SciPy loaded use one thread each.
+    A reader that reads one tensor per job calls ``room(cost)`` before reading and ``submit(..., cost=...)``
+    after: it blocks while ``max_pending`` jobs are unfinished or their tensors hold more than ``max_bytes``
+    (one job is always allowed, however large), so it never runs far ahead of the math and memory stays
+    bounded. While the pool is open, torch and the BLAS libraries it or SciPy loaded use one thread each.
     """
 
-    def __init__(self, workers: int, max_pending: Optional[int] = None):
+    def __init__(self, workers: int, max_pending: Optional[int] = None, max_bytes: int = 256 * 2**20):
         self.workers = max(1, int(workers))
         self.max_pending = max_pending or 2 * self.workers
+        self.max_bytes = max_bytes
         self._pool: Optional[ThreadPoolExecutor] = None
+        self._room = threading.Condition()
+        self._count = self._bytes = 0
 
     def __enter__(self) -> "LayerExecutor":
         if self.workers > 1:
@@ -57,7 +61,6 @@ class LayerExecutor:
             self._torch_threads = torch.get_num_threads()
             torch.set_num_threads(1)
             self._limits = threadpool_limits(limits=1)
-            self._slots = threading.BoundedSemaphore(self.max_pending)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tsv", initializer=torch.set_num_threads,
                                             initargs=(1,))
         return self
@@ -69,7 +72,22 @@ class LayerExecutor:
             self._limits.restore_original_limits()
             torch.set_num_threads(self._torch_threads)
 
-    def submit(self, fn: Callable, *args, **kwargs) -> Future:
+    def _full(self, cost: int) -> bool:
+        return self._count >= self.max_pending or (self._count > 0 and self._bytes + cost > self.max_bytes)
+
+    def room(self, cost: int = 0) -> None:
+        """Wait until a job of ``cost`` bytes may be submitted (call it before reading the job's tensor)."""
+        if self._pool is not None:
+            with self._room:
+                self._room.wait_for(lambda: not self._full(cost))
+
+    def _done(self, cost: int) -> None:
+        with self._room:
+            self._count -= 1
+            self._bytes -= cost
+            self._room.notify_all()
+
+    def submit(self, fn: Callable, *args, cost: int = 0, **kwargs) -> Future:
         """Run ``fn(*args, **kwargs)``: on a worker, or now when there is no pool (the returned future is done)."""
         if self._pool is None:
             future: Future = Future()
@@ -78,11 +96,14 @@ class LayerExecutor:
             except BaseException as e:  # re-raised by future.result(), as a worker's would be
                 future.set_exception(e)
             return future
-        self._slots.acquire()
+        with self._room:
+            self._room.wait_for(lambda: not self._full(cost))
+            self._count += 1
+            self._bytes += cost
         try:
             future = self._pool.submit(fn, *args, **kwargs)
         except BaseException:
-            self._slots.release()
+            self._done(cost)
             raise
-        future.add_done_callback(lambda _: self._slots.release())
+        future.add_done_callback(lambda _: self._done(cost))
         return future

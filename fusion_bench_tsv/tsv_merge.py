@@ -216,11 +216,12 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             if lazy_states is not None:
                 # layer-outer: θ₀[key] and each task's [key], merged and written before the next layers
                 for key, values in iter_layers(lazy_states, mine, desc="TSV-M: layers", show_pbar=self.show_pbar):
-                    job, values = _ParameterJob(layer, key, base[key]), iter(values)
+                    job, values, cost = _ParameterJob(layer, key, base[key]), iter(values), base[key].nbytes
                     for i in range(num_tasks):
+                        pool.room(cost)
                         with self.profile("read tensors"):
                             value = next(values)
-                        pool.submit(job.run_part, i, value)
+                        pool.submit(job.run_part, i, value, cost=cost)
                         del value
                     pending.append((key, job.result))
                     del job
@@ -234,9 +235,10 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 ):
                     parts = {}
                     for key in tqdm(mine, desc=f"  {name}", leave=False, disable=not self.show_pbar):
+                        pool.room(base[key].nbytes)
                         with self.profile("read tensors"):
                             value = state[key]  # a SafetensorsState reads the tensor here
-                        parts[key] = pool.submit(layer.task_part, key, base[key], value, i)
+                        parts[key] = pool.submit(layer.task_part, key, base[key], value, i, cost=base[key].nbytes)
                         del value
                     for key in mine:  # in task order, so sums are the same whatever the number of workers
                         accs[key] = layer.add(accs.get(key), key, parts.pop(key).result())

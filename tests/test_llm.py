@@ -143,7 +143,7 @@ def test_lazy_equals_eager_bitwise(llm):
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_lazy_path_builds_no_finetuned_model_and_keeps_one_layer_per_task(llm, monkeypatch, num_workers):
     """No fine-tuned model is ever loaded, and few tensors read from the checkpoints are alive at once: at
-    most T serially, at most 2·workers + 1 (the reader's look-ahead) with worker threads."""
+    most T serially, at most 2·workers (the reader's look-ahead) + 1 with worker threads."""
     def refuse(*args, **kwargs):
         raise AssertionError("a fine-tuned model was built")
 

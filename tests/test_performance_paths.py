@@ -282,3 +282,33 @@ def test_worker_errors_reach_the_caller_with_the_key():
         with pytest.raises(ValueError, match="layers.0.weight"):
             future.result()
     assert torch.get_num_threads() >= 1  # the executor restored torch's threads
+
+
+def test_reader_look_ahead_is_bounded_by_count_and_bytes():
+    """room() holds the reader while the pending jobs' tensors exceed the byte budget (one job is always let
+    through, however large), and while max_pending jobs are unfinished."""
+    import threading
+
+    from fusion_bench_tsv.parallel import LayerExecutor
+
+    gate = threading.Event()
+    with LayerExecutor(2, max_pending=3, max_bytes=100) as pool:
+        first = pool.submit(gate.wait, cost=500)  # larger than the budget: admitted alone
+        let_in = threading.Event()
+        reader = threading.Thread(target=lambda: (pool.room(10), let_in.set()))
+        reader.start()
+        assert not let_in.wait(0.3)  # 500 + 10 bytes would exceed the budget
+        gate.set()
+        assert let_in.wait(10)
+        reader.join()
+        assert first.result() is True
+        gate.clear()
+        small = [pool.submit(gate.wait, cost=10) for _ in range(3)]  # max_pending = 3
+        let_in.clear()
+        reader = threading.Thread(target=lambda: (pool.room(10), let_in.set()))
+        reader.start()
+        assert not let_in.wait(0.3)
+        gate.set()
+        assert let_in.wait(10)
+        reader.join()
+        assert all(f.result() for f in small)
