@@ -152,10 +152,12 @@ def main() -> None:
     from fusion_bench_tsv.atomic import write_atomic
 
     write_atomic(args.out, lambda p: p.write_text(json.dumps(existing, indent=1)))
-    header = "| shape | T | dtype | mode | wall (s) | peak RSS (MiB) | one model (MiB) | peak / model | RSS after imports (MiB) | (peak − imports) / model |\n|---|---|---|---|---|---|---|---|---|---|\n"
+    header = ("| shape | T | dtype | mode | wall (s) | peak RSS (MiB) | one model (MiB) | peak / model | RSS after imports (MiB) "
+              "| (peak − imports) / model | threads |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     table = "".join(
         f"| {r['shape']} | {r['tasks']} | {r['dtype']} | {r['mode']} | {r['wall_s']} | {r['peak_rss_mib']} | "
-        f"{r['model_mib']} | {r['peak_rss_over_model']} | {r['rss_after_imports_mib']} | {r['merge_rss_over_model']} |\n" for r in existing
+        f"{r['model_mib']} | {r['peak_rss_over_model']} | {r['rss_after_imports_mib']} | {r['merge_rss_over_model']} | "
+        f"{r.get('torch_threads')} |\n" for r in existing
     )
     write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(header + table))
     print(header + table)

@@ -203,14 +203,17 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 results[key] = value
 
         lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
-        # tensors are read in this thread and decomposed by the workers; merged layers are written in order,
-        # at most `window` layers behind the reader
+        # tensors are read in this thread and decomposed by the workers; merged parameters are written as
+        # soon as they are done (each key on its own, so in any order), at most `window` behind the reader
         window, pending = 2 * workers, deque()
 
         def finish(limit: int) -> None:
             while len(pending) > limit:
                 key, future = pending.popleft()
                 keep(key, future.result())
+            for item in [item for item in pending if item[1].done()]:
+                pending.remove(item)
+                keep(item[0], item[1].result())
 
         with LayerExecutor(workers) as pool:
             if lazy_states is not None:
