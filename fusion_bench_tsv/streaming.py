@@ -59,6 +59,7 @@ __all__ = [
     "load_pretrained_model",
     "local_checkpoint",
     "materialize",
+    "missing_checkpoint_keys",
     "open_lazy_states",
     "split_keys",
     "state_dict_of",
@@ -128,13 +129,15 @@ def as_modelpool(modelpool, method: str):
     return modelpool
 
 
-def _entry_paths(entry) -> List[str]:
-    """The path strings a pool entry names: the entry itself, or ``pretrained_model_name_or_path`` / ``path``
-    of a config."""
+_PATH_KEYS = ("pretrained_model_name_or_path", "path")
+
+
+def _entry_paths(entry, keys: Sequence[str] = _PATH_KEYS) -> List[str]:
+    """The path strings a pool entry names: the entry itself, or the ``keys`` of a config (``_target_`` ...)."""
     if isinstance(entry, str):
         return [entry]
     if isinstance(entry, Mapping):
-        return [v for k in ("pretrained_model_name_or_path", "path") if isinstance(v := entry.get(k), str)]
+        return [v for k in keys if isinstance(v := entry.get(k), str)]
     return []
 
 
@@ -152,14 +155,25 @@ def check_pool_entries(modelpool) -> None:
                 )
 
 
-def _hub_id(modelpool, name: str) -> Optional[str]:
-    paths = _entry_paths(_pool_entry(modelpool, name))
-    return paths[0] if paths and not looks_like_local_path(paths[0]) else None
-
-
 def _pool_entry(modelpool, name: str):
     models = modelpool._models
     return models.get(name) if hasattr(models, "get") else None
+
+
+def _entry_path(modelpool, name: str, keys: Sequence[str] = _PATH_KEYS) -> Optional[str]:
+    """The path or hub id a pool entry names (a string, or a config's ``pretrained_model_name_or_path``/``path``)."""
+    return next(iter(_entry_paths(_pool_entry(modelpool, name), keys)), None)
+
+
+def _checkpoint_of(modelpool, name: str) -> Optional[Path]:
+    """The local ``from_pretrained`` directory of a pool entry (a string, or a config's
+    ``pretrained_model_name_or_path``) when it holds safetensors weights."""
+    return _checkpoint_dir(_entry_path(modelpool, name, keys=("pretrained_model_name_or_path",)))
+
+
+def _hub_id(modelpool, name: str) -> Optional[str]:
+    path = _entry_path(modelpool, name)
+    return path if path is not None and not looks_like_local_path(path) else None
 
 
 def _exception_chain(error: BaseException) -> Iterator[BaseException]:
@@ -294,7 +308,7 @@ def load_model(modelpool, name: str, allow_missing_keys: bool = False):
     The keys are checked for local checkpoint directories and for hub models cached as safetensors
     (``model.name_or_path``).
     """
-    directory = _checkpoint_dir(next(iter(_entry_paths(_pool_entry(modelpool, name))), None))
+    directory = _checkpoint_of(modelpool, name)
     header = SafetensorsState(directory, name) if directory is not None else None
     try:
         model = modelpool.load_model(name)
@@ -309,7 +323,7 @@ def load_model(modelpool, name: str, allow_missing_keys: bool = False):
                 f"{offline} and the model is not in the local cache. Cause: {_first_line(e).rstrip('.')}. "
                 + OFFLINE_BENCHMARK_HINT
             ) from None
-        where = directory or hub_id or next(iter(_entry_paths(_pool_entry(modelpool, name))), None) or "its modelpool entry"
+        where = directory or _entry_path(modelpool, name) or "its modelpool entry"
         raise CheckpointError(f"model '{name}': cannot load {where}: {_first_line(e)}") from e
     module = _reference_module(model)
     if module is not None and not isinstance(_pool_entry(modelpool, name), nn.Module):  # not the caller's instance
@@ -425,16 +439,6 @@ def tied_aliases(reference: Mapping[str, Tensor], present: Iterable[str]) -> Dic
     return out
 
 
-def _model_entry_path(modelpool, name: str) -> Optional[str]:
-    entry = modelpool._models.get(name) if hasattr(modelpool._models, "get") else None
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, Mapping):  # {_target_: ..., pretrained_model_name_or_path: ...}
-        path = entry.get("pretrained_model_name_or_path")
-        return path if isinstance(path, str) else None
-    return None
-
-
 def local_checkpoint(modelpool, name: str, lazy: bool = False) -> Optional[Path]:
     """The local checkpoint directory of ``name`` when it may be read lazily, else None (use ``load_model``).
 
@@ -453,13 +457,7 @@ def local_checkpoint(modelpool, name: str, lazy: bool = False) -> Optional[Path]
         allowed = lazy and isinstance(modelpool, CLIPVisionModelPool)
     if not allowed:
         return None
-    entry = _model_entry_path(modelpool, name)
-    if entry is None or not os.path.isdir(entry):
-        return None
-    path = Path(entry)
-    if (path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file():
-        return path
-    return None
+    return _checkpoint_of(modelpool, name)
 
 
 def _lazy_state(modelpool, name: str, reference: Mapping[str, Tensor], lazy: bool = False) -> Optional[SafetensorsState]:
