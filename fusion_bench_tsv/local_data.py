@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .atomic import write_atomic
+from .paths import confined_name
 
 __all__ = ["save_task_dataset", "load_task_dataset", "register_classnames_and_templates", "read_classes"]
 
@@ -54,10 +55,15 @@ def save_task_dataset(
     classnames: Sequence[str],
     templates: Sequence[str],
 ) -> Path:
-    """Write a task: ``splits`` maps a split name to ``(images, labels)`` (PIL images, ints)."""
+    """Write a task: ``splits`` maps a split name to ``(images, labels)`` (PIL images, ints).
+
+    ``task`` and the split names must be plain names (they become ``<root>/<task>/<split>.parquet``).
+    """
     from datasets import ClassLabel, Dataset, Features, Image
 
-    task_dir = Path(root) / task
+    task_dir = Path(root) / confined_name(task, "task name")
+    for split in splits:
+        confined_name(split, f"task '{task}': split name")
     task_dir.mkdir(parents=True, exist_ok=True)
     features = Features({"image": Image(), "label": ClassLabel(names=list(classnames))})
     for split, (images, labels) in splits.items():
@@ -80,8 +86,8 @@ def load_task_dataset(root: str, task: str, split: str = "test", name: Optional[
     """
     from datasets import Dataset
 
-    task_dir = Path(root) / task
-    path = task_dir / f"{split}.parquet"
+    task_dir = Path(root) / confined_name(task, "task name")
+    path = task_dir / f"{confined_name(split, f'task {task!r}: split name')}.parquet"
     if not path.is_file():
         raise FileNotFoundError(f"task '{task}': no split '{split}' at {path}")
     classes = read_classes(task_dir)

@@ -55,6 +55,7 @@ from .functional import (
 )
 from .atomic import write_atomic
 from .streaming import (
+    as_modelpool,
     check_finite,
     DEFAULT_EXCLUDE_KEYS,
     finetuned_model_names,
@@ -110,6 +111,9 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         output_dir: where the files go; ``None`` is the run's log directory. Without either (no
             Fabric logger, e.g. from Python) nothing is written; results stay in ``self.results``.
         show_pbar: progress bars.
+        allow_missing_keys: accept a checkpoint (fine-tuned or pretrained) that lacks parameters of the
+            model it is loaded into; ``from_pretrained`` fills them with random values. ``False`` (default)
+            refuses it with an error naming the model and the keys.
     """
 
     def __init__(
@@ -121,6 +125,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         device: Optional[str] = None,
         output_dir: Optional[str] = None,
         show_pbar: bool = True,
+        allow_missing_keys: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -157,12 +162,11 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> None:
         """Analyse ``modelpool`` and write the results; returns ``None`` (nothing to evaluate)."""
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = as_modelpool(modelpool, "STI")
         names = finetuned_model_names(modelpool, "STI", minimum=2)
         device = self._device()
         with self.profile("load pretrained"):
-            pretrained = load_pretrained_model(modelpool)
+            pretrained = load_pretrained_model(modelpool, self.allow_missing_keys)
         base = state_dict_of(pretrained)
         check_finite(base, "_pretrained_")
         matrix_keys, _ = split_keys(base, list(self.exclude_keys or []))
@@ -189,7 +193,8 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             kept: Dict[str, list] = {k: [] for k in group}
             desc = f"STI: pass {g + 1}/{len(groups)}" if len(groups) > 1 else "STI: task vectors"
             for _, name, state in iter_finetuned_states(
-                modelpool, base, desc=desc, show_pbar=self.show_pbar, profile=self.profile
+                modelpool, base, desc=desc, show_pbar=self.show_pbar, profile=self.profile,
+                allow_missing_keys=self.allow_missing_keys,
             ):
                 for key in group:
                     work = compute_dtype(base[key].dtype)

@@ -10,6 +10,7 @@ import fnmatch
 import gc
 import logging
 import os
+import re
 from copy import deepcopy
 from pathlib import Path
 from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
@@ -18,7 +19,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .safetensors_state import SAFETENSORS_FILE, SAFETENSORS_INDEX, SafetensorsState, check_tensor_finite
+from .paths import looks_like_local_path
+from .safetensors_state import (
+    SAFETENSORS_FILE,
+    SAFETENSORS_INDEX,
+    CheckpointError,
+    SafetensorsState,
+    check_tensor_finite,
+)
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,12 @@ LLM_EXCLUDE_KEYS = ("*embed_tokens*", "*lm_head*", "*text_projection*")
 ``lm_head`` are averaged (TSV-M) / kept in full (TSV-C) / not analysed (STI) instead of decomposed."""
 
 __all__ = [
+    "OFFLINE_BENCHMARK_HINT",
+    "CheckpointError",
+    "HubUnreachableError",
+    "as_modelpool",
+    "check_checkpoint_keys",
+    "check_pool_entries",
     "finetuned_model_names",
     "DEFAULT_EXCLUDE_KEYS",
     "LLM_EXCLUDE_KEYS",
@@ -41,9 +55,11 @@ __all__ = [
     "is_excluded",
     "iter_finetuned_states",
     "iter_layers",
+    "load_model",
     "load_pretrained_model",
     "local_checkpoint",
     "materialize",
+    "missing_checkpoint_keys",
     "open_lazy_states",
     "split_keys",
     "state_dict_of",
@@ -76,6 +92,247 @@ def finetuned_model_names(modelpool, purpose: str, minimum: int = 1) -> List[str
     if len(names) < minimum:
         raise ValueError(f"{purpose} needs at least {minimum} fine-tuned models in the modelpool, got {len(names)}: {names}")
     return names
+
+
+OFFLINE_BENCHMARK_HINT = (
+    "Without network, point the modelpool at local checkpoint directories, or use the offline benchmark: "
+    "build it with `fusion-bench-tsv-build --num-tasks 8`, then run with "
+    "`modelpool=CLIPVisionModelPool/tiny_clip_8 taskpool=CLIPVisionModelTaskPool/tiny_clip_8`"
+)
+
+
+class HubUnreachableError(ConnectionError):
+    """A model named by a hub id could not be fetched: the hub is offline or unreachable and the model is not
+    in the local cache."""
+
+
+def as_modelpool(modelpool, method: str):
+    """``modelpool`` as a FusionBench ``BaseModelPool`` (a dict ``{name: model}`` is wrapped), checked for
+    what every algorithm of the package needs before it loads anything: a ``_pretrained_`` entry, and local
+    paths that exist (:func:`check_pool_entries`). ``method`` names the algorithm in the errors."""
+    from fusion_bench import BaseModelPool
+
+    if not isinstance(modelpool, BaseModelPool):
+        if not isinstance(modelpool, Mapping):
+            raise TypeError(
+                f"{method}: expected a FusionBench modelpool or a dict {{name: model}}, got {type(modelpool).__name__}"
+            )
+        modelpool = BaseModelPool(dict(modelpool))
+    if not modelpool.has_pretrained:
+        raise ValueError(
+            f"{method} needs the pretrained model under the key '_pretrained_' of the modelpool, e.g. "
+            "{'_pretrained_': pretrained_model, 'task_a': finetuned_a, 'task_b': finetuned_b} "
+            "(in YAML: models: {_pretrained_: <path or hub id>, task_a: <path or hub id>, ...}); "
+            f"the modelpool has {list(modelpool._models)}"
+        )
+    check_pool_entries(modelpool)
+    return modelpool
+
+
+_PATH_KEYS = ("pretrained_model_name_or_path", "path")
+
+
+def _entry_paths(entry, keys: Sequence[str] = _PATH_KEYS) -> List[str]:
+    """The path strings a pool entry names: the entry itself, or the ``keys`` of a config (``_target_`` ...)."""
+    if isinstance(entry, str):
+        return [entry]
+    if isinstance(entry, Mapping):
+        return [v for k in keys if isinstance(v := entry.get(k), str)]
+    return []
+
+
+def check_pool_entries(modelpool) -> None:
+    """Raise a ``FileNotFoundError`` naming the model for an entry that is meant as a local path
+    (:func:`~.paths.looks_like_local_path`) and does not exist. Hub ids are left to the loader."""
+    models = modelpool._models
+    for name in list(models.keys()) if hasattr(models, "keys") else []:
+        for path in _entry_paths(models[name]):
+            if looks_like_local_path(path) and not os.path.exists(path):
+                hint = " ('~' is not expanded: write the full path)" if path.startswith("~") else ""
+                raise FileNotFoundError(
+                    f"model '{name}': local path {path} does not exist{hint}; fix the modelpool entry "
+                    f"(modelpool.models.{name}=<checkpoint directory or hub id>)"
+                )
+
+
+def _pool_entry(modelpool, name: str):
+    models = modelpool._models
+    return models.get(name) if hasattr(models, "get") else None
+
+
+def _entry_path(modelpool, name: str, keys: Sequence[str] = _PATH_KEYS) -> Optional[str]:
+    """The path or hub id a pool entry names (a string, or a config's ``pretrained_model_name_or_path``/``path``)."""
+    return next(iter(_entry_paths(_pool_entry(modelpool, name), keys)), None)
+
+
+def _checkpoint_of(modelpool, name: str) -> Optional[Path]:
+    """The local ``from_pretrained`` directory of a pool entry (a string, or a config's
+    ``pretrained_model_name_or_path``) when it holds safetensors weights."""
+    return _checkpoint_dir(_entry_path(modelpool, name, keys=("pretrained_model_name_or_path",)))
+
+
+def _hub_id(modelpool, name: str) -> Optional[str]:
+    path = _entry_path(modelpool, name)
+    return path if path is not None and not looks_like_local_path(path) else None
+
+
+def _exception_chain(error: BaseException) -> Iterator[BaseException]:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+_OFFLINE_MARKERS = ("offline", "outgoing traffic has been disabled", "connection", "max retries exceeded",
+                    "name resolution", "failed to resolve", "timed out", "network is unreachable")
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether ``error`` (or an exception it chains) says the hub could not be reached."""
+    names = {"OfflineModeIsEnabled", "LocalEntryNotFoundError", "ConnectionError", "ConnectTimeout", "ConnectError",
+             "Timeout", "ReadTimeout", "ProxyError"}
+    for e in _exception_chain(error):
+        if any(t.__name__ in names for t in type(e).__mro__):
+            return True
+        if isinstance(e, (OSError, ValueError)) and any(m in str(e).lower() for m in _OFFLINE_MARKERS):
+            return True
+    return False
+
+
+def _first_line(error: BaseException, limit: int = 600) -> str:
+    text = str(error).strip().splitlines()
+    line = f"{type(error).__name__}: {text[0] if text else ''}"
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+def _checkpoint_dir(path: Optional[str]) -> Optional[Path]:
+    """``path`` when it is a local directory holding ``model.safetensors`` or its sharded index."""
+    if not isinstance(path, str) or not os.path.isdir(path):
+        return None
+    directory = Path(path)
+    if (directory / SAFETENSORS_FILE).is_file() or (directory / SAFETENSORS_INDEX).is_file():
+        return directory
+    return None
+
+
+def _reference_module(model) -> Optional[nn.Module]:
+    if isinstance(model, nn.Module):
+        return model
+    meta = getattr(model, "meta_module", None)  # FusionBench's LazyStateDict
+    return meta if isinstance(meta, nn.Module) else None
+
+
+def _tie_groups(module: nn.Module) -> Dict[str, List[str]]:
+    """For every parameter or buffer name, the other names of the same tensor object (tied weights)."""
+    by_id: Dict[int, List[str]] = {}
+    for key, tensor in list(module.named_parameters(remove_duplicate=False)) + list(
+        module.named_buffers(remove_duplicate=False)
+    ):
+        by_id.setdefault(id(tensor), []).append(key)
+    return {key: names for names in by_id.values() for key in names}
+
+
+def missing_checkpoint_keys(module: nn.Module, checkpoint_keys: Iterable[str]) -> List[str]:
+    """The keys of ``module.state_dict()`` that ``from_pretrained`` would not find in ``checkpoint_keys``
+    and would therefore initialise at random.
+
+    As ``transformers`` matches them: legacy names renamed (``_fix_state_dict_key_on_load``), the
+    ``base_model_prefix`` added or removed, tied weights saved under one of their names (and the
+    ``_tied_weights_keys`` of a model whose config ties the word embeddings), and the model's
+    ``_keys_to_ignore_on_load_missing`` patterns. Non-persistent buffers are not in the state dict.
+    """
+    fix = getattr(module, "_fix_state_dict_key_on_load", None)
+    present = {fix(k)[0] if callable(fix) else k for k in checkpoint_keys}
+    prefix = getattr(module, "base_model_prefix", "") or ""
+    ignore = [re.compile(p) for p in (getattr(module, "_keys_to_ignore_on_load_missing", None) or [])]
+    if getattr(getattr(module, "config", None), "tie_word_embeddings", False):
+        # tied to the input embeddings when the model is built (a meta module may not be tied yet)
+        ignore += [re.compile(rf"^{re.escape(k)}$") for k in (getattr(module, "_tied_weights_keys", None) or [])]
+    ties = _tie_groups(module)
+
+    def found(key: str) -> bool:
+        candidates = [key]
+        if prefix:
+            candidates += [key[len(prefix) + 1:]] if key.startswith(prefix + ".") else [f"{prefix}.{key}"]
+        return any(c in present for c in candidates)
+
+    missing = []
+    for key in module.state_dict():
+        if any(found(k) for k in ties.get(key, [key])) or any(p.search(key) for p in ignore):
+            continue
+        missing.append(key)
+    return missing
+
+
+def check_checkpoint_keys(
+    module: nn.Module, directory: os.PathLike, name: str, allow_missing_keys: bool = False,
+    header: Optional[SafetensorsState] = None,
+) -> List[str]:
+    """Refuse a local safetensors checkpoint that lacks parameters of the model it is loaded into.
+
+    ``from_pretrained`` fills such parameters with random values and goes on; with
+    ``allow_missing_keys=False`` this raises a :class:`CheckpointError` naming the model, the directory and
+    the keys; with ``True`` it logs a warning. Only the file headers are read (``header``, when given, is
+    that checkpoint's :class:`SafetensorsState`). Returns the missing keys.
+    """
+    header = SafetensorsState(directory, name) if header is None else header
+    missing = missing_checkpoint_keys(module, header)
+    if missing:
+        shown = f"{missing[:8]}{' ...' if len(missing) > 8 else ''}"
+        if not allow_missing_keys:
+            raise CheckpointError(
+                f"model '{name}': the checkpoint {directory} lacks {len(missing)} parameter(s) of "
+                f"{type(module).__name__}: {shown}; loading it would fill them with random values. Use a complete "
+                "checkpoint, or set the method's option allow_missing_keys=true to accept random values"
+            )
+        log.warning(
+            f"model '{name}': the checkpoint {directory} lacks {len(missing)} parameter(s), which hold random "
+            f"values (allow_missing_keys=true): {shown}"
+        )
+    return missing
+
+
+def load_model(modelpool, name: str, allow_missing_keys: bool = False):
+    """``modelpool.load_model(name)``, with errors that name the model and what to do, and the checkpoint's
+    keys checked against the model (:func:`check_checkpoint_keys`).
+
+    - a local safetensors checkpoint whose header cannot be read: a :class:`CheckpointError` naming the
+      model and the file, before the pool is asked to load it;
+    - a hub id while the hub is offline or unreachable: a :class:`HubUnreachableError` naming the model and
+      the repository, with the original one-line cause and a pointer to the offline benchmark (the long
+      chain of hub exceptions is dropped);
+    - any other failure of the pool's loader: a :class:`CheckpointError` naming the model and the entry,
+      the original exception as its ``__cause__``.
+
+    The keys are checked for local checkpoint directories and for hub models cached as safetensors
+    (``model.name_or_path``).
+    """
+    directory = _checkpoint_of(modelpool, name)
+    header = SafetensorsState(directory, name) if directory is not None else None
+    try:
+        model = modelpool.load_model(name)
+    except (MemoryError, CheckpointError, HubUnreachableError):
+        raise
+    except Exception as e:
+        hub_id = _hub_id(modelpool, name)
+        if hub_id is not None and _hub_unreachable(e):
+            offline = " (HF_HUB_OFFLINE=1)" if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on") else ""
+            raise HubUnreachableError(
+                f"model '{name}': cannot load '{hub_id}' from the Hugging Face hub: it is offline or unreachable"
+                f"{offline} and the model is not in the local cache. Cause: {_first_line(e).rstrip('.')}. "
+                + OFFLINE_BENCHMARK_HINT
+            ) from None
+        where = directory or _entry_path(modelpool, name) or "its modelpool entry"
+        raise CheckpointError(f"model '{name}': cannot load {where}: {_first_line(e)}") from e
+    module = _reference_module(model)
+    if module is not None and not isinstance(_pool_entry(modelpool, name), nn.Module):  # not the caller's instance
+        if directory is None:
+            directory = _checkpoint_dir(getattr(module, "name_or_path", None))
+            header = SafetensorsState(directory, name) if directory is not None else None
+        if directory is not None:
+            check_checkpoint_keys(module, directory, name, allow_missing_keys, header)
+    return model
 
 
 def is_excluded(key: str, patterns: Iterable[str]) -> bool:
@@ -182,16 +439,6 @@ def tied_aliases(reference: Mapping[str, Tensor], present: Iterable[str]) -> Dic
     return out
 
 
-def _model_entry_path(modelpool, name: str) -> Optional[str]:
-    entry = modelpool._models.get(name) if hasattr(modelpool._models, "get") else None
-    if isinstance(entry, str):
-        return entry
-    if isinstance(entry, Mapping):  # {_target_: ..., pretrained_model_name_or_path: ...}
-        path = entry.get("pretrained_model_name_or_path")
-        return path if isinstance(path, str) else None
-    return None
-
-
 def local_checkpoint(modelpool, name: str, lazy: bool = False) -> Optional[Path]:
     """The local checkpoint directory of ``name`` when it may be read lazily, else None (use ``load_model``).
 
@@ -210,13 +457,7 @@ def local_checkpoint(modelpool, name: str, lazy: bool = False) -> Optional[Path]
         allowed = lazy and isinstance(modelpool, CLIPVisionModelPool)
     if not allowed:
         return None
-    entry = _model_entry_path(modelpool, name)
-    if entry is None or not os.path.isdir(entry):
-        return None
-    path = Path(entry)
-    if (path / SAFETENSORS_FILE).is_file() or (path / SAFETENSORS_INDEX).is_file():
-        return path
-    return None
+    return _checkpoint_of(modelpool, name)
 
 
 def _lazy_state(modelpool, name: str, reference: Mapping[str, Tensor], lazy: bool = False) -> Optional[SafetensorsState]:
@@ -227,7 +468,7 @@ def _lazy_state(modelpool, name: str, reference: Mapping[str, Tensor], lazy: boo
     aliases = tied_aliases(reference, state)
     state = SafetensorsState(path, name, reference, aliases) if aliases else state
     # only when the files hold exactly the model's parameters (no renamed or missing buffers)
-    if set(state) != set(reference):
+    if set(state) != set(reference):  # load_model refuses missing keys, or accepts them with allow_missing_keys
         log.info(f"model '{name}': {path} keys differ from the model's state dict; loading the model instead")
         return None
     return state
@@ -257,13 +498,14 @@ def materialize(lazy: Mapping[str, Tensor], name: str = "_pretrained_", reader: 
     return model
 
 
-def load_pretrained_model(modelpool) -> nn.Module:
-    """``modelpool.load_pretrained_model()``, as an ``nn.Module`` even from a lazy pool.
+def load_pretrained_model(modelpool, allow_missing_keys: bool = False) -> nn.Module:
+    """``modelpool.load_pretrained_model()`` through :func:`load_model` (errors naming the model, checkpoint
+    keys checked), as an ``nn.Module`` even from a lazy pool.
 
     A ``LazyStateDict`` (``CausalLMPool(enable_lazy_loading=True)``) is materialized (:func:`materialize`),
     reading a local checkpoint through :class:`SafetensorsState`.
     """
-    model = modelpool.load_pretrained_model()
+    model = load_model(modelpool, "_pretrained_", allow_missing_keys)
     if isinstance(model, nn.Module):
         return model
     if not isinstance(model, Mapping):
@@ -284,6 +526,7 @@ def iter_finetuned_states(
     show_pbar: bool = True,
     profile=None,
     lazy: bool = False,
+    allow_missing_keys: bool = False,
 ) -> Iterator[Tuple[int, str, StateDict]]:
     """Yield ``(index, name, state_dict)`` for each fine-tuned model of ``modelpool``, one at a time.
 
@@ -296,7 +539,8 @@ def iter_finetuned_states(
     tied weights aliased; see :func:`local_checkpoint`), yield a :class:`SafetensorsState` instead of
     building the model: names and shapes are checked from the file header before it is
     yielded, each tensor is read (and checked for NaN/Inf) when it is accessed, so at most the
-    tensors the caller keeps are resident. Other models are loaded with ``modelpool.load_model``.
+    tensors the caller keeps are resident. Other models are loaded with ``modelpool.load_model``
+    (:func:`load_model`: a checkpoint lacking parameters of the model is refused unless ``allow_missing_keys``).
     """
     names = list(modelpool.model_names)
     for index, name in enumerate(tqdm(names, desc=desc, disable=not show_pbar, dynamic_ncols=True)):
@@ -309,9 +553,9 @@ def iter_finetuned_states(
             continue
         if profile is not None:
             with profile("load model"):
-                model = modelpool.load_model(name)
+                model = load_model(modelpool, name, allow_missing_keys)
         else:
-            model = modelpool.load_model(name)
+            model = load_model(modelpool, name, allow_missing_keys)
         state = state_dict_of(model)
         check_compatible(reference, state, name)
         check_finite(state, name)

@@ -46,10 +46,12 @@ from .functional import check_rank_options, compress_matrix, compute_dtype, laye
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
 from .atomic import expand_log_dir, write_atomic
 from .streaming import (
+    as_modelpool,
     check_finite,
     DEFAULT_EXCLUDE_KEYS,
     finetuned_model_names,
     iter_finetuned_states,
+    load_model,
     load_pretrained_model,
     split_keys,
     state_dict_of,
@@ -90,6 +92,9 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             normalized accuracy.
         device: where the SVDs run; ``None`` is the Fabric device (a GPU when there is one).
         show_pbar: show progress bars over models and layers.
+        allow_missing_keys: accept a checkpoint (fine-tuned or pretrained) that lacks parameters of the
+            model it is loaded into; ``from_pretrained`` fills them with random values. ``False`` (default)
+            refuses it with an error naming the model and the keys.
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         evaluate_finetuned: bool = True,
         device: Optional[str] = None,
         show_pbar: bool = True,
+        allow_missing_keys: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -132,13 +138,12 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         :class:`CompressedTask` per fine-tuned model (factors on the CPU, in the storage dtype) and the
         storage accounting.
         """
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = as_modelpool(modelpool, "TSV-C")
         names = finetuned_model_names(modelpool, "compress")
         num_tasks = len(names)
         device = self._device()
         with self.profile("load pretrained"):
-            pretrained = load_pretrained_model(modelpool)
+            pretrained = load_pretrained_model(modelpool, self.allow_missing_keys)
             if modelpool.has_instance_models:  # never hand back (or alias) the caller's own instance
                 pretrained = deepcopy(pretrained)
         base = state_dict_of(pretrained)
@@ -154,7 +159,8 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
 
         tasks: List[CompressedTask] = []
         for _, name, state in iter_finetuned_states(
-            modelpool, base, desc="TSV-C: task vectors", show_pbar=self.show_pbar, profile=self.profile
+            modelpool, base, desc="TSV-C: task vectors", show_pbar=self.show_pbar, profile=self.profile,
+            allow_missing_keys=self.allow_missing_keys,
         ):
             task = CompressedTask(name)
             for key in tqdm(matrix_keys, desc=f"  {name}", leave=False, disable=not self.show_pbar):
@@ -186,8 +192,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]):
         """Compress, optionally save, then evaluate (routed) or return ``{task: θ₀ + Δ̂ᵢ}``."""
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = as_modelpool(modelpool, "TSV-C")
         pretrained, tasks, storage = self.compress(modelpool)
         num_tasks = len(tasks)
 
@@ -243,7 +248,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             entry = {"accuracy": result.get("accuracy"), "loss": result.get("loss")}
             if self.evaluate_finetuned:
                 with self.profile("load model"):
-                    finetuned = modelpool.load_model(task.name)
+                    finetuned = load_model(modelpool, task.name, self.allow_missing_keys)
                 with self.profile("evaluate"):
                     ft = self._evaluate(taskpool, finetuned, task.name, "finetuned")
                 del finetuned

@@ -47,6 +47,7 @@ from .hf_checkpoint import save_hf_model
 from .parallel import LayerExecutor, resolve_workers
 from .sharding import send_to_rank_zero, split_by_size
 from .streaming import (
+    as_modelpool,
     check_finite,
     finetuned_model_names,
     iter_finetuned_states,
@@ -126,6 +127,9 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             ``None`` (default): the CPU cores available (divided among Fabric processes) when the math
             runs on the CPU, 1 on a GPU. 0 or 1: everything in the calling thread with torch's threads.
             The result does not depend on it (each job always runs single-threaded when it is > 1).
+        allow_missing_keys: accept a checkpoint (fine-tuned or pretrained) that lacks parameters of the
+            model it is loaded into; ``from_pretrained`` fills them with random values. ``False`` (default)
+            refuses it with an error naming the model and the keys.
 
     With a Fabric strategy of several processes (e.g. ``fabric.strategy=ddp fabric.devices=2``), the
     parameters are split across the ranks by size, each rank merges its share (reading only those
@@ -146,6 +150,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         max_shard_size: Union[str, int] = "5GB",
         save_tokenizer: bool = True,
         num_workers: Optional[int] = None,
+        allow_missing_keys: bool = False,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -166,8 +171,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
         """Merge the fine-tuned models of ``modelpool`` into one model and return it (on rank 0; other
         ranks of a multi-process Fabric run return None)."""
-        if not isinstance(modelpool, BaseModelPool):
-            modelpool = BaseModelPool(modelpool)
+        modelpool = as_modelpool(modelpool, "TSV-M")
         names = finetuned_model_names(modelpool, "merge")
         num_tasks = len(names)
         task_scales, final_scale = resolve_alpha(self.alpha, num_tasks)
@@ -175,7 +179,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         device = self._device()
 
         with self.profile("load pretrained"):
-            pretrained = load_pretrained_model(modelpool)
+            pretrained = load_pretrained_model(modelpool, self.allow_missing_keys)
             # a pool of in-memory models hands out the caller's own instance: never write into it
             merged = deepcopy(pretrained) if modelpool.has_instance_models else pretrained
         base = state_dict_of(merged)
@@ -234,7 +238,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 accs: Dict[str, object] = {}
                 for i, name, state in iter_finetuned_states(
                     modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar,
-                    profile=self.profile, lazy=self.lazy_loading,
+                    profile=self.profile, lazy=self.lazy_loading, allow_missing_keys=self.allow_missing_keys,
                 ):
                     parts = {}
                     for key in tqdm(mine, desc=f"  {name}", leave=False, disable=not self.show_pbar):

@@ -222,12 +222,16 @@ def test_lazy_errors_name_model_and_key(tiny_pool, tmp_path):
     save_file(state, str(broken / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"model '{task}': parameter '{key}' contains NaN or Inf"):
         TSVMergeAlgorithm(show_pbar=False).run(_local_pool(tiny_pool, **{task: str(broken)}))
-    # a checkpoint whose keys differ from the model's is not read lazily: it goes through load_model
+    # a checkpoint that lacks a parameter is refused; accepted (allow_missing_keys) it is not read lazily but
+    # goes through load_model
     other = {k: v for k, v in state.items() if k != key}
     save_file(other, str(broken / "model.safetensors"), metadata={"format": "pt"})
     pool = _local_pool(tiny_pool, **{task: str(broken)})
     reference = pool.load_pretrained_model().state_dict()
-    kinds = {name: type(state) for _, name, state in iter_finetuned_states(pool, reference, show_pbar=False, lazy=True)}
+    with pytest.raises(ValueError, match=rf"model '{task}': the checkpoint {broken} lacks 1 parameter\(s\).*'{key}'"):
+        list(iter_finetuned_states(pool, reference, show_pbar=False, lazy=True))
+    kinds = {name: type(state) for _, name, state in iter_finetuned_states(
+        pool, reference, show_pbar=False, lazy=True, allow_missing_keys=True)}
     assert kinds[task] is not SafetensorsState
     assert all(kind is SafetensorsState for name, kind in kinds.items() if name != task)
 

@@ -6,12 +6,14 @@ Layout under ``<root>/tiny_clip`` (``root``: ``--root``, else ``$FUSION_BENCH_TS
 - ``pretrained/``: the contrastively pretrained ``CLIPModel`` with tokenizer and image processor;
 - ``data/<task>/{train,validation,test}.parquet`` + ``classes.json`` (see :mod:`fusion_bench_tsv.local_data`);
 - ``models/<task>/``: the fine-tuned ``CLIPVisionModel`` of each task (``save_pretrained``);
-- ``openclip/``: the same models in the open_clip task-vector layout (:mod:`.openclip_export`);
+- ``openclip/``: the same models in the open_clip task-vector layout, as safetensors (:mod:`.openclip_export`);
 - ``build.json``: the settings and the accuracies measured while building.
 
 Every artefact carries a ``.build_hash`` stamp: the SHA-256 of the settings it depends on. A stage whose
 stamp matches is reused, so building 20 tasks after 8 only adds 12; a change of settings rebuilds what it
-touches. Training is seeded and single-process, so the same settings give the same weights.
+touches. Training is seeded and single-process, so the same settings give the same weights. Every stage is
+written into a temporary directory and moved into place atomically (:func:`~fusion_bench_tsv.atomic.write_dir_atomic`),
+so an interrupted build leaves no partial artefact.
 """
 
 from __future__ import annotations
@@ -22,17 +24,18 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
+from ..atomic import write_atomic, write_dir_atomic
 
 __all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "main"]
 
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2  # bump when the generators or the training code change what they produce
+OPENCLIP_EXPORT_VERSION = 2  # bump when the open_clip export's files change (2: safetensors, nothing pickled)
 STAMP = ".build_hash"
 ENV_VAR = "FUSION_BENCH_TSV_DATA"
 
@@ -88,12 +91,18 @@ def _stamped(path: Path, digest: str) -> bool:
     return (path / STAMP).is_file() and (path / STAMP).read_text().strip() == digest
 
 
-def _publish(tmp: Path, final: Path, digest: str) -> None:
-    """Stamp ``tmp`` and move it to ``final`` (replacing a stale one)."""
-    (tmp / STAMP).write_text(digest)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+def _publish(final: Path, digest: str, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary directory, stamp it with ``digest`` and move it to ``final``
+    atomically (replacing a stale one)."""
+    def stamped(tmp: Path) -> None:
+        write(tmp)
+        (tmp / STAMP).write_text(digest)
+
+    write_dir_atomic(final, stamped)
+
+
+def _openclip_stamp(digest: str) -> str:
+    return f"{digest}-openclip{OPENCLIP_EXPORT_VERSION}"
 
 
 def _seed(settings: BuildSettings, *parts: str) -> int:
@@ -136,27 +145,21 @@ def build_benchmark(
                               image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
         pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
                       seed=_seed(s, "pretrain"), show_pbar=show_pbar)
-        tmp = out / ".pretrained.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_clip(clip, tmp)
-        _publish(tmp, pre, s.pretrain_hash)
+        _publish(pre, s.pretrain_hash, lambda tmp: save_clip(clip, tmp))
     clip = CLIPModel.from_pretrained(pre).eval()
     processor = CLIPProcessor.from_pretrained(pre)
     scale = float(clip.logit_scale.detach().exp())
     projection = clip.visual_projection.weight.detach()
     oc = out / "openclip"
-    if export_openclip and not _stamped(oc, s.pretrain_hash):
+    if export_openclip and not _stamped(oc, _openclip_stamp(s.pretrain_hash)):
         from transformers import CLIPVisionModel
 
-        from .openclip_export import make_image_encoder, save_module
+        from .openclip_export import make_image_encoder, save_image_encoder
 
-        tmp = out / ".openclip.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
         base = CLIPVisionModel(clip.config.vision_config)
         base.vision_model.load_state_dict(clip.vision_model.state_dict())
-        save_module(make_image_encoder(base, projection), tmp / "zeroshot.pt")
-        _publish(tmp, oc, s.pretrain_hash)
+        encoder = make_image_encoder(base, projection)
+        _publish(oc, _openclip_stamp(s.pretrain_hash), lambda tmp: save_image_encoder(encoder, tmp / "zeroshot.safetensors"))
 
     report_path = out / "build.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
@@ -167,25 +170,20 @@ def build_benchmark(
         splits = {name: make_split(task, n, s.image_size, _seed(s, task.name, name))
                   for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
         if not _stamped(data_dir, s.data_hash(task.name)):
-            tmp = out / "data" / f".{task.name}.tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
             from PIL import Image
 
-            save_task_dataset(out / "data", tmp.name, {k: ([Image.fromarray(im) for im in x], y) for k, (x, y) in splits.items()},
-                              task.classnames, task.templates)
-            _publish(tmp, data_dir, s.data_hash(task.name))
+            images = {k: ([Image.fromarray(im) for im in x], y) for k, (x, y) in splits.items()}
+            _publish(data_dir, s.data_hash(task.name),
+                     lambda tmp: save_task_dataset(tmp.parent, tmp.name, images, task.classnames, task.templates))
         head = zero_shot_head(clip, processor, task.classnames, task.templates)
-        if export_openclip and not _stamped(oc / task.name, s.finetune_hash(task.name)) and _stamped(model_dir, s.finetune_hash(task.name)):
+        if export_openclip and not _stamped(oc / task.name, _openclip_stamp(s.finetune_hash(task.name))) and _stamped(model_dir, s.finetune_hash(task.name)):
             _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
         if _stamped(model_dir, s.finetune_hash(task.name)) and task.name in report["tasks"]:
             continue
         vision = finetune_vision_tower(clip, head, *splits["train"], steps=s.finetune_steps, batch_size=s.finetune_batch,
                                        lr=s.finetune_lr, seed=_seed(s, task.name, "finetune"),
                                        desc=f"fine-tuning {task.name}", show_pbar=show_pbar)
-        tmp = out / "models" / f".{task.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        vision.save_pretrained(tmp)
-        _publish(tmp, model_dir, s.finetune_hash(task.name))
+        _publish(model_dir, s.finetune_hash(task.name), vision.save_pretrained)
         if export_openclip:
             _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
         report["tasks"][task.name] = {
@@ -193,25 +191,20 @@ def build_benchmark(
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
             "fine_tuned_test": accuracy(vision.vision_model, clip.visual_projection, head, scale, *splits["test"]),
         }
-        tmp_report = out / ".build.json.tmp"
-        tmp_report.write_text(json.dumps(report, indent=1))
-        os.replace(tmp_report, report_path)
+        write_atomic(report_path, lambda p: p.write_text(json.dumps(report, indent=1)))
     log.info("benchmark with %d tasks ready at %s (%.0f s)", num_tasks, out, time.time() - t0)
     return out
 
 
 def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head, scale: float, digest: str) -> None:
-    """``openclip/<task>/finetuned.pt`` and ``openclip/head_<task>.pt`` (see :mod:`.openclip_export`)."""
+    """``openclip/<task>/finetuned.safetensors`` and ``openclip/head_<task>.safetensors`` (see :mod:`.openclip_export`)."""
     from transformers import CLIPVisionModel
 
-    from .openclip_export import make_classification_head, make_image_encoder, save_module
+    from .openclip_export import make_classification_head, make_image_encoder, save_classification_head, save_image_encoder
 
-    tmp = oc / f".{task}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_module(make_image_encoder(CLIPVisionModel.from_pretrained(model_dir), projection), tmp / "finetuned.pt")
-    save_module(make_classification_head(head, scale), oc / f"head_{task}.pt")
-    _publish(tmp, oc / task, digest)
+    encoder = make_image_encoder(CLIPVisionModel.from_pretrained(model_dir), projection)
+    save_classification_head(make_classification_head(head, scale), oc / f"head_{task}.safetensors")
+    _publish(oc / task, _openclip_stamp(digest), lambda tmp: save_image_encoder(encoder, tmp / "finetuned.safetensors"))
 
 
 def main(argv=None) -> None:

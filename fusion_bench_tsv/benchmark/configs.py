@@ -64,17 +64,25 @@ def taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, sp
     }
 
 
+def _openclip_file(loader: str, path: str) -> dict:
+    return {"_target_": f"fusion_bench_tsv.benchmark.openclip_export.{loader}", "path": f"${{...suite_dir}}/openclip/{path}"}
+
+
+def openclip_heads_config(tasks: Sequence[str]) -> dict:
+    return {t: _openclip_file("load_classification_head", f"head_{t}.safetensors") for t in tasks}
+
+
 def openclip_modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
     def model(path: str) -> dict:
-        return {"_target_": "fusion_bench_tsv.benchmark.openclip_export.load_image_encoder",
-                "path": f"${{...suite_dir}}/openclip/{path}"}
+        return _openclip_file("load_image_encoder", path)
 
     return {
         "_target_": "fusion_bench.modelpool.OpenCLIPVisionModelPool",
         "_recursive_": False,
         "suite_dir": str(suite_dir),
-        "models": {"_pretrained_": model("zeroshot.pt"), **{t: model(f"{t}/finetuned.pt") for t in tasks}},
-        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+        "models": {"_pretrained_": model("zeroshot.safetensors"),
+                   **{t: model(f"{t}/finetuned.safetensors") for t in tasks}},
+        "classification_heads": openclip_heads_config(tasks),
     }
 
 
@@ -86,7 +94,7 @@ def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUIT
         "_recursive_": False,
         "suite_dir": str(suite_dir),
         "test_datasets": cfg["test_datasets"],
-        "classification_heads": {t: f"${{..suite_dir}}/openclip/head_{t}.pt" for t in tasks},
+        "classification_heads": openclip_heads_config(tasks),
         "dataloader_kwargs": cfg["dataloader_kwargs"],
     }
 
