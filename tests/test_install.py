@@ -1,11 +1,14 @@
-"""The installed environment: the plugin, FusionBench, torchvision and open_clip import together."""
+"""The installed environment: the plugin, FusionBench, torchvision and open_clip import together; an editable
+install of the project composes its configs from any directory."""
 
+import importlib.util
 import os
 import subprocess
 import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 from conftest import REPO_ROOT
 
 
@@ -71,6 +74,8 @@ def test_editable_install_composes_tsv_configs_from_any_directory(tmp_path):
     The scratch venv borrows the already installed dependencies (a ``.pth`` to a symlink mirror of this
     interpreter's site-packages without this project), so nothing is downloaded; pip installs only the
     project itself, with the build backend of the running environment."""
+    if importlib.util.find_spec("hatchling") is None:
+        pytest.fail("the build backend hatchling is not installed here: install the test extra (pip install '.[test]')")
     venv, mirror = tmp_path / "venv", tmp_path / "deps"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
