@@ -19,7 +19,9 @@ exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionMode
 ``--update`` merges the rows it computes into the existing ``<out>.json`` (replacing rows of the same method
 and size) instead of starting anew. Writes ``<out>.json`` (rows: method, num_tasks, avg_accuracy, per_task, normalized_accuracy, alpha),
 ``<out>.md`` and ``<out>.png``. ``--show N`` prints the stored table for N tasks, optionally beside a fresh
-``program_report.json`` (``--report``), which is what ``demo.sh`` does.
+``program_report.json`` (``--report``) and the zero-shot / fine-tuned accuracies of the build it evaluated
+(``--build``, default ``$FUSION_BENCH_TSV_DATA/tiny_clip/build.json``), normalized by that build's fine-tuned
+accuracies, which is what ``demo.sh`` does.
 
     OMP_NUM_THREADS=2 python benchmarks/compare_baselines.py --sizes 8 14 20
 """
@@ -33,7 +35,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from fusion_bench_tsv.atomic import write_atomic
 
@@ -137,7 +139,7 @@ def compare(sizes: Sequence[int], alphas: Sequence[float], methods: Sequence[str
     return rows
 
 
-def markdown(rows: List[dict], extra: Optional[dict] = None) -> str:
+def markdown(rows: List[dict], extras: Sequence[dict] = ()) -> str:
     sizes = sorted({r["num_tasks"] for r in rows})
     by = {(r["method"], r["num_tasks"]): r for r in rows}
     methods = [m for m in ROW_ORDER if any((m, n) in by for n in sizes)]
@@ -154,11 +156,28 @@ def markdown(rows: List[dict], extra: Optional[dict] = None) -> str:
             a = f" α={r['alpha']}" if r.get("alpha") is not None else ""
             cells.append(f"{r['avg_accuracy']:.1f} ({r['normalized_accuracy']:.1f}){a}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    if extra is not None:
+    for extra in extras:
         lines.append(f"| **{extra['method']}** | " + " | ".join(
             f"**{extra['avg_accuracy']:.1f} ({extra['normalized_accuracy']:.1f})**" if n == extra["num_tasks"] else "–"
             for n in sizes) + " |")
     return "\n".join(lines) + "\n"
+
+
+def this_build_rows(report: Path, build: Path, n: int, label: str) -> List[dict]:
+    """The rows of a fresh ``program_report.json`` beside the zero-shot and fine-tuned accuracies of the build it
+    evaluated (``build.json``, written by ``fusion-bench-tsv-build``), normalized by that build's fine-tuned
+    accuracies: a rebuild with other library versions has other fine-tuned accuracies than the stored table."""
+    rep = json.loads(report.read_text())
+    acc = {k: v["accuracy"] for k, v in rep.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
+    tasks = json.loads(build.read_text())["tasks"]
+    missing = sorted(set(acc) - set(tasks))
+    if missing:
+        raise SystemExit(f"{build} has no accuracies for {missing}: pass --build with the build.json of the suite "
+                         f"that {report} evaluated")
+    fine = {t: tasks[t]["fine_tuned_test"] for t in acc}
+    return [_row("zero_shot (this build)", n, {t: tasks[t]["zero_shot_test"] for t in acc}, fine),
+            _row("fine_tuned (this build)", n, fine, fine),
+            _row(label, n, acc, fine)]
 
 
 def plot(rows: List[dict], path: Path) -> None:
@@ -193,18 +212,24 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output prefix (.json/.md/.png)")
     p.add_argument("--show", type=int, default=None, help="print the stored table of this suite size and exit")
     p.add_argument("--report", type=Path, default=None, help="with --show: a fusion_bench program_report.json to add")
+    p.add_argument("--build", type=Path, default=None,
+                   help="with --report: the build.json of the evaluated suite (default: the one fusion-bench-tsv-build "
+                        "writes, $FUSION_BENCH_TSV_DATA/tiny_clip/build.json)")
     p.add_argument("--label", default="tsv_merge (this run)")
     args = p.parse_args(argv)
+    if args.build is None:
+        from fusion_bench_tsv.benchmark.build import suite_dir
+
+        args.build = suite_dir() / "build.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.show is not None:
         rows = [r for r in json.loads(args.out.with_suffix(".json").read_text()) if r["num_tasks"] == args.show]
-        extra = None
+        extras = []
         if args.report is not None:
-            rep = json.loads(args.report.read_text())
-            acc = {k: v["accuracy"] for k, v in rep.items() if isinstance(v, dict) and "accuracy" in v and k != "average"}
-            ft = next(r for r in rows if r["method"] == "fine_tuned")["per_task"]
-            extra = _row(args.label, args.show, acc, {t: ft[t] / 100 for t in acc})
-        print(markdown(rows, extra))
+            extras = this_build_rows(args.report, args.build, args.show, args.label)
+            print(f"bold rows: this run ({args.report}) and the build it evaluated ({args.build}), normalized by "
+                  "that build's fine-tuned accuracies; the other rows: the stored table")
+        print(markdown(rows, extras))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

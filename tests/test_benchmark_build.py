@@ -139,3 +139,40 @@ def test_openclip_export_matches_hf_tower():
     with torch.no_grad():
         ref = clip.visual_projection(vision(pixel_values=x).pooler_output)
         torch.testing.assert_close(encoder(x), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_build_help_explains_every_setting(capsys):
+    import dataclasses
+
+    from fusion_bench_tsv.benchmark.build import BuildSettings, main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    for f in dataclasses.fields(BuildSettings):
+        doc = " ".join(f.metadata.get("doc", "").split())
+        assert doc, f"BuildSettings.{f.name} has no doc"
+        assert f"{doc} (default: {f.default})" in text, f.name
+
+
+def test_demo_normalizes_by_the_evaluated_build(tmp_path):
+    """The demo's rows for a fresh run are normalized by the fine-tuned accuracies of the build it evaluated
+    (its build.json), not by the stored table's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_baselines", REPO_ROOT / "benchmarks" / "compare_baselines.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    build = tmp_path / "build.json"
+    build.write_text(json.dumps({"tasks": {"a": {"zero_shot_test": 0.2, "fine_tuned_test": 0.8},
+                                           "b": {"zero_shot_test": 0.5, "fine_tuned_test": 0.5}}}))
+    report = tmp_path / "program_report.json"
+    report.write_text(json.dumps({"a": {"accuracy": 0.4}, "b": {"accuracy": 0.5}, "average": {"accuracy": 0.45}}))
+    zero, fine, run = module.this_build_rows(report, build, 2, "this run")
+    # sums of two float terms: pytest.approx's relative 1e-6 is far above their round-off (~1e-16)
+    assert (run["avg_accuracy"], run["normalized_accuracy"]) == pytest.approx((45.0, 100 * (0.4 / 0.8 + 0.5 / 0.5) / 2))
+    assert (fine["avg_accuracy"], fine["normalized_accuracy"]) == pytest.approx((65.0, 100.0))
+    assert zero["avg_accuracy"] == pytest.approx(35.0)
+    build.write_text(json.dumps({"tasks": {"a": {"zero_shot_test": 0.2, "fine_tuned_test": 0.8}}}))
+    with pytest.raises(SystemExit, match=r"no accuracies for \['b'\]"):
+        module.this_build_rows(report, build, 2, "this run")

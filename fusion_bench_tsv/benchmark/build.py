@@ -11,9 +11,10 @@ Layout under ``<root>/tiny_clip`` (``root``: ``--root``, else ``$FUSION_BENCH_TS
 
 Every artefact carries a ``.build_hash`` stamp: the SHA-256 of the settings it depends on. A stage whose
 stamp matches is reused, so building 20 tasks after 8 only adds 12; a change of settings rebuilds what it
-touches. Training is seeded and single-process, so the same settings give the same weights. Every stage is
-written into a temporary directory and moved into place atomically (:func:`~fusion_bench_tsv.atomic.write_dir_atomic`),
-so an interrupted build leaves no partial artefact.
+touches. Training is seeded and single-threaded, so the same settings give bit-identical weights with the
+same torch build on the same kind of CPU; another torch version gives (slightly) different weights. Every stage
+is written into a temporary directory and moved into place atomically
+(:func:`~fusion_bench_tsv.atomic.write_dir_atomic`), so an interrupted build leaves no partial artefact.
 """
 
 from __future__ import annotations
@@ -40,26 +41,31 @@ STAMP = ".build_hash"
 ENV_VAR = "FUSION_BENCH_TSV_DATA"
 
 
+def _setting(default, doc: str):
+    """A :class:`BuildSettings` field with its meaning (shown by ``fusion-bench-tsv-build --help``)."""
+    return dataclasses.field(default=default, metadata={"doc": doc})
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildSettings:
     """Everything the built artefacts depend on (their content hash is taken over these fields)."""
 
-    seed: int = 0
-    image_size: int = 32
-    patch_size: int = 8
-    width: int = 64
-    layers: int = 2
-    heads: int = 2
-    projection_dim: int = 64
-    pretrain_steps: int = 300
-    pretrain_batch: int = 64
-    pretrain_lr: float = 1e-3
-    finetune_steps: int = 300
-    finetune_batch: int = 64
-    finetune_lr: float = 1e-3
-    train_size: int = 500
-    val_size: int = 100
-    test_size: int = 200
+    seed: int = _setting(0, "seed of everything random: initialisation, data, training batches")
+    image_size: int = _setting(32, "side of the square RGB images, in pixels")
+    patch_size: int = _setting(8, "side of a ViT patch, in pixels")
+    width: int = _setting(64, "hidden size of the vision and text transformers")
+    layers: int = _setting(2, "transformer layers per tower")
+    heads: int = _setting(2, "attention heads per layer")
+    projection_dim: int = _setting(64, "size of the joint image-text embedding")
+    pretrain_steps: int = _setting(300, "contrastive (CLIP loss) pretraining steps, AdamW with warm-up + cosine decay")
+    pretrain_batch: int = _setting(64, "image-caption pairs per pretraining step")
+    pretrain_lr: float = _setting(1e-3, "peak pretraining learning rate")
+    finetune_steps: int = _setting(300, "fine-tuning steps per task (vision tower only, frozen zero-shot head)")
+    finetune_batch: int = _setting(64, "images per fine-tuning step")
+    finetune_lr: float = _setting(1e-3, "peak fine-tuning learning rate")
+    train_size: int = _setting(500, "training images per task")
+    val_size: int = _setting(100, "validation images per task")
+    test_size: int = _setting(200, "test images per task")
 
     def digest(self, *fields: str, extra: str = "") -> str:
         values = {f: getattr(self, f) for f in fields}
@@ -130,7 +136,8 @@ def build_benchmark(
 
     if not 1 <= num_tasks <= len(TASKS):
         raise ValueError(f"num_tasks must be in 1..{len(TASKS)}, got {num_tasks}")
-    # one thread: bit-identical weights whatever the machine, and no OpenMP oversubscription slow-down
+    # one thread: the same weights on every rebuild with the same torch build and CPU (a different torch
+    # version changes them, see docs/benchmark.md), and no OpenMP oversubscription slow-down
     torch.set_num_threads(1)
     out = suite_dir(root)
     out.mkdir(parents=True, exist_ok=True)
@@ -208,13 +215,14 @@ def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--num-tasks", type=int, default=20, help="build the first N of the 20 tasks (8, 14 or 20)")
+    parser = argparse.ArgumentParser(prog="fusion-bench-tsv-build", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--num-tasks", type=int, default=20, help="build the first N of the 20 tasks (8, 14 or 20; default: 20)")
     parser.add_argument("--root", default=None, help=f"data root (default ${ENV_VAR} or ~/.cache/fusion_bench_tsv)")
     parser.add_argument("--no-pbar", action="store_true", help="no progress bars")
     parser.add_argument("--no-openclip", action="store_true", help="skip the open_clip export")
     for f in dataclasses.fields(BuildSettings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default, help="build setting")
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                            help=f"{f.metadata['doc']} (default: {f.default})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     settings = BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
