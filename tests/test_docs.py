@@ -1,0 +1,93 @@
+"""The user documentation: README length, relative links, reference wording, and the YAML option comments."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+DOCS = sorted((REPO / "docs").glob("*.md"))
+PAGES = [README, *DOCS]
+METHOD_CONFIGS = sorted((REPO / "config" / "method" / "tsv").glob("*.yaml"))
+README_MAX_LINES = 200
+
+#: Wording of a history of the work, not of a reference: what the documents must not say.
+HISTORY = [
+    re.compile(r"\bNOTES\b"),  # the team's notes outside the repository
+    *(re.compile(p, re.I) for p in (r"\bprevious version", r"\bfirst version", r"\bissues? #?\d+", r"\bsessions?\b")),
+]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _prose(text: str) -> str:
+    """The text without fenced code blocks and inline code, where brackets are not links."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors of a markdown page (lower case, punctuation dropped, spaces to '-')."""
+    seen: Counter = Counter()
+    out = set()
+    text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.S | re.M)
+    for heading in re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-")
+        out.add(slug if not seen[slug] else f"{slug}-{seen[slug]}")
+        seen[slug] += 1
+    return out
+
+
+def _page_id(page: Path) -> str:
+    return str(page.relative_to(REPO))
+
+
+def test_readme_is_short():
+    lines = README.read_text(encoding="utf-8").count("\n")
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines, at most {README_MAX_LINES}: move detail to docs/"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_relative_links_resolve(page: Path):
+    broken = []
+    for target in LINK.findall(_prose(page.read_text(encoding="utf-8"))):
+        if re.match(r"[a-z][a-z0-9+.-]*:", target):  # https:, mailto: ...
+            continue
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            broken.append(f"{target} (no file {dest})")
+        elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+            broken.append(f"{target} (no heading with anchor #{anchor} in {dest.name})")
+    assert not broken, f"{_page_id(page)}: broken relative links: {broken}"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_page_id)
+def test_reference_wording(page: Path):
+    text = page.read_text(encoding="utf-8")
+    found = [m.group(0) for pattern in HISTORY for m in pattern.finditer(text)]
+    assert not found, f"{_page_id(page)}: history wording or a reference outside the repository: {found}"
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.name)
+def test_every_option_has_a_comment(config: Path):
+    """Each top-level key of a method config (its options) sits right below a comment saying what it does."""
+    lines = config.read_text(encoding="utf-8").splitlines()
+    missing = [
+        line.split(":")[0]
+        for i, line in enumerate(lines)
+        if re.match(r"[A-Za-z_][\w]*\s*:", line) and not line.startswith("_target_")
+        and not (i > 0 and lines[i - 1].lstrip().startswith("#"))
+    ]
+    assert not missing, f"{config.relative_to(REPO)}: options without a comment line directly above: {missing}"
+
+
+@pytest.mark.parametrize("config", METHOD_CONFIGS, ids=lambda p: p.name)
+def test_config_is_linked_and_its_doc_references_exist(config: Path):
+    rel = str(config.relative_to(REPO))
+    assert f"]({rel})" in README.read_text(encoding="utf-8"), f"README.md does not link the option reference {rel}"
+    missing = [d for d in re.findall(r"\bdocs/[\w.-]+\.md", config.read_text(encoding="utf-8")) if not (REPO / d).exists()]
+    assert not missing, f"{rel} names documentation pages that do not exist: {missing}"
