@@ -119,6 +119,8 @@ def test_fusion_bench_cli_on_mini_build(mini_build, tmp_path, family):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "Unused argument" not in log, [line for line in log.splitlines() if "Unused argument" in line]
     result = json.loads(report.read_text())
     for task in TASK_NAMES[:3]:
         assert 0.0 <= result[task]["accuracy"] <= 1.0
