@@ -77,5 +77,6 @@ def format_summary(report: Mapping[str, Any], title: str) -> str:
         return "-" if value is None else f"{100 * value:.1f}%"
 
     lines = [title, f"{'task':<{width}}" + "".join(f"  {label:>10}" for _, label in columns)]
-    lines += [f"{name:<{width}}" + "".join(f"  {cell(entry.get(key)):>10}" for key, _ in columns) for name, entry in rows]
+    for name, entry in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"  {cell(entry.get(key)):>10}" for key, _ in columns))
     return "\n".join(lines)

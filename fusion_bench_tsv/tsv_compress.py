@@ -310,7 +310,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
 
     @staticmethod
     def _print_summary(report: Dict[str, Any], path: Optional[str]) -> None:
-        """Print the routed accuracies as a short table (printed, not logged, so that log formatting does not wrap it)."""
+        """Print the routed accuracies as a short table (printed, not logged: log formatting would wrap it)."""
         lines = [format_summary(report, "TSV-C, routed evaluation (each task's compressed model on its own task):")]
         if report["not_evaluated"]:
             lines.append(f"not evaluated (no test set): {', '.join(report['not_evaluated'])}")

@@ -146,7 +146,9 @@ def test_openclip_export_matches_hf_tower():
 def test_build_help_explains_every_setting(capsys):
     import dataclasses
 
-    from fusion_bench_tsv.benchmark.build import BuildSettings, main
+    import argparse
+
+    from fusion_bench_tsv.benchmark.build import BuildSettings, _parser, main
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -155,6 +157,10 @@ def test_build_help_explains_every_setting(capsys):
         doc = " ".join(f.metadata.get("doc", "").split())
         assert doc, f"BuildSettings.{f.name} has no doc"
         assert f"{doc} (default: {f.default})" in text, f.name
+    # and every other option says what it does and what happens without it
+    for action in _parser()._actions:
+        if not isinstance(action, argparse._HelpAction):
+            assert action.help and "default" in action.help, action.option_strings
 
 
 def test_demo_normalizes_by_the_evaluated_build(tmp_path):

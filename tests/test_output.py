@@ -62,7 +62,7 @@ def test_tiny_clip_configs_give_no_unused_argument_warning(tmp_path):
 
 
 def test_tsv_c_summary_is_a_rounded_table():
-    """Percentages with one decimal, '-' where a value is undefined; fine-tuned/normalized columns only when measured."""
+    """Percentages with one decimal, '-' where a value is undefined; fine-tuned/normalized columns only if measured."""
     from fusion_bench_tsv.routed_eval import format_summary
 
     report = {"tasks": {"shapes": {"accuracy": 0.88, "loss": 0.31, "finetuned_accuracy": 0.85,

@@ -12,8 +12,8 @@ from typing import Sequence
 
 from ..atomic import write_atomic
 
-__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "clip_taskpool_config", "taskpool_config", "openclip_modelpool_config",
-           "openclip_taskpool_config", "write_suite_configs"]
+__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "clip_taskpool_config", "taskpool_config",
+           "openclip_heads_config", "openclip_modelpool_config", "openclip_taskpool_config", "write_suite_configs"]
 
 # resolved by OmegaConf when FusionBench composes the config. It is spelled out in every path: a helper key
 # (``suite_dir: ...`` referred to as ``${.suite_dir}``) would reach the pool's constructor, which warns
