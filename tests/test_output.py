@@ -1,4 +1,4 @@
-"""What runs print: no "Unused argument" warnings from our configs, a readable TSV-C summary, --help texts."""
+"""What runs print: no "Unused argument" warnings from our configs, and a readable TSV-C summary."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import REPO_ROOT
 
 # Composes every committed tiny-CLIP modelpool/taskpool pair as the ``fusion_bench`` CLI does and instantiates
 # pool, task pool and method as its program does (nothing is loaded before ``setup``); prints the warnings and
