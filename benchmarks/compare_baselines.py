@@ -204,18 +204,28 @@ def plot(rows: List[dict], path: Path) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sizes", type=int, nargs="+", default=[8, 14, 20])
-    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    p.add_argument("--no-val-alpha", action="store_true", help="skip the validation sweeps")
-    p.add_argument("--update", action="store_true", help="merge the new rows into the existing <out>.json")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output prefix (.json/.md/.png)")
-    p.add_argument("--show", type=int, default=None, help="print the stored table of this suite size and exit")
-    p.add_argument("--report", type=Path, default=None, help="with --show: a fusion_bench program_report.json to add")
-    p.add_argument("--build", type=Path, default=None,
-                   help="with --report: the build.json of the evaluated suite (default: the one fusion-bench-tsv-build "
-                        "writes, $FUSION_BENCH_TSV_DATA/tiny_clip/build.json)")
-    p.add_argument("--label", default="tsv_merge (this run)")
+    p.add_argument("--sizes", type=int, nargs="+", default=[8, 14, 20], metavar="N",
+                   help="suite sizes (numbers of tasks) to run (default: 8 14 20)")
+    p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), metavar="A",
+                   help="scaling factors tried on the validation splits for the *_val_alpha rows "
+                        f"(default: {' '.join(map(str, ALPHAS))})")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS), metavar="METHOD",
+                   help=f"methods to run, of {', '.join(METHODS)} (default: all)")
+    p.add_argument("--no-val-alpha", action="store_true", help="skip the validation sweeps (no *_val_alpha rows)")
+    p.add_argument("--update", action="store_true",
+                   help="merge the new rows into the existing PREFIX.json (default: start anew)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PREFIX",
+                   help="output prefix: writes PREFIX.json/.md/.png (default: benchmarks/results/tiny_clip)")
+    p.add_argument("--show", type=int, default=None, metavar="N",
+                   help="print the stored table (PREFIX.json) of the N-task suite and exit, running nothing")
+    p.add_argument("--report", type=Path, default=None, metavar="JSON",
+                   help="with --show: a fusion_bench program_report.json to add as a row")
+    p.add_argument("--build", type=Path, default=None, metavar="JSON",
+                   help="with --report: the build.json of the evaluated suite, whose fine-tuned accuracies normalize "
+                        "the rows (default: the one fusion-bench-tsv-build writes, "
+                        "$FUSION_BENCH_TSV_DATA/tiny_clip/build.json)")
+    p.add_argument("--label", default="tsv_merge (this run)",
+                   help="with --report: the name of its row (default: 'tsv_merge (this run)')")
     args = p.parse_args(argv)
     if args.build is None:
         from fusion_bench_tsv.benchmark.build import suite_dir

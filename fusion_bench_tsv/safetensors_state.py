@@ -204,10 +204,6 @@ class SafetensorsState(Mapping[str, Tensor]):
     def shape_of(self, key: str) -> torch.Size:
         return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
 
-    def nbytes_of(self, key: str) -> int:
-        begin, end = self._entries[self.aliases.get(key, key)][2]["data_offsets"]
-        return end - begin
-
     def __iter__(self) -> Iterator[str]:
         yield from self._entries
         yield from self.aliases

@@ -110,6 +110,8 @@ def write_pool_configs(
     """
     import yaml
 
+    from .benchmark.configs import clip_taskpool_config
+
     config_dir = Path(config_dir)
     modelpool = {
         "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
@@ -124,29 +126,7 @@ def write_pool_configs(
     if data_root is None:
         return
     tasks = list(eval_tasks) if eval_tasks is not None else list(task_paths)
-    taskpool = {
-        "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
-        "_recursive_": False,
-        "test_datasets": {
-            t: {
-                "_target_": "fusion_bench_tsv.local_data.load_task_dataset",
-                "root": str(data_root),
-                "task": t,
-                "split": "test",
-            }
-            for t in tasks
-        },
-        "base_model": str(pretrained_path),
-        "clip_model": {
-            "_target_": "transformers.CLIPModel.from_pretrained",
-            "pretrained_model_name_or_path": "${..base_model}",
-        },
-        "processor": {
-            "_target_": "transformers.CLIPProcessor.from_pretrained",
-            "pretrained_model_name_or_path": "${..base_model}",
-        },
-        "dataloader_kwargs": {"batch_size": batch_size, "num_workers": 0, "shuffle": False},
-    }
+    taskpool = clip_taskpool_config(tasks, str(data_root), str(pretrained_path), batch_size=batch_size)
     path = config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(taskpool, sort_keys=False))

@@ -43,7 +43,7 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 
 from .compressed_checkpoint import CompressedTask, build_task_model, save_compressed, storage_accounting
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
-from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
+from .routed_eval import evaluate_on_task, format_summary, normalized_accuracy, supports_routing, taskpool_tasks
 from .atomic import expand_log_dir, write_atomic
 from .streaming import (
     as_modelpool,
@@ -210,8 +210,9 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         if self.routed_eval and supports_routing(taskpool):
             report = self.routed_evaluation(taskpool, modelpool, pretrained, tasks)
             report.update(storage=storage, rank_choice=self.rank_choice(num_tasks), checkpoint=checkpoint)
-            self._write_report(report)
+            path = self._write_report(report)
             self.print_profile_summary("TSV-C profile")
+            self._print_summary(report, path)
             return report
         if self.routed_eval and taskpool is not None:
             log.warning(
@@ -264,7 +265,6 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             "not_evaluated": skipped,
             "evaluations": list(self.evaluations),
         }
-        self._log_accuracy(report)
         return report
 
     def _evaluate(self, taskpool, model: nn.Module, task: str, kind: str) -> Dict[str, Any]:
@@ -280,11 +280,11 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         except Exception:  # a pool of instances or of configs: no single path
             return "_pretrained_"
 
-    def _write_report(self, report: Dict[str, Any]) -> None:
+    def _write_report(self, report: Dict[str, Any]) -> Optional[str]:
+        """Write the report (full precision) to the log dir; its path, or None without a log dir."""
         if self.log_dir is None:
-            return
-        path = write_atomic(os.path.join(self.log_dir, REPORT_FILE), lambda p: p.write_text(json.dumps(report, indent=1)))
-        log.info(f"TSV-C: report written to {path}")
+            return None
+        return str(write_atomic(os.path.join(self.log_dir, REPORT_FILE), lambda p: p.write_text(json.dumps(report, indent=1))))
 
     def _log_setup(self, names, base, matrix_keys, other_keys, ranks, device) -> None:
         num_tasks = len(names)
@@ -309,13 +309,14 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         )
 
     @staticmethod
-    def _log_accuracy(report: Dict[str, Any]) -> None:
-        for name, e in report["tasks"].items():
-            extra = ""
-            if "finetuned_accuracy" in e:
-                extra = f", fine-tuned {e['finetuned_accuracy']:.4f}, normalized {e['normalized_accuracy']}"
-            log.info(f"TSV-C routed: {name}: accuracy {e['accuracy']:.4f}{extra}")
-        log.info(f"TSV-C routed: average {report['average']}")
+    def _print_summary(report: Dict[str, Any], path: Optional[str]) -> None:
+        """Print the routed accuracies as a short table (printed, not logged: log formatting would wrap it)."""
+        lines = [format_summary(report, "TSV-C, routed evaluation (each task's compressed model on its own task):")]
+        if report["not_evaluated"]:
+            lines.append(f"not evaluated (no test set): {', '.join(report['not_evaluated'])}")
+        if path is not None:
+            lines.append(f"full report: {os.path.abspath(path)}")
+        print("\n".join(lines), flush=True)
 
 
 def _average(per_task: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:

@@ -205,8 +205,16 @@ def test_two_rename_fallback_replaces_and_restores_on_failure(tmp_path, monkeypa
 
 
 # ------------------------------------------------------------------------------------------- umask
-def _modes(root: Path) -> dict:
-    return {str(p.relative_to(root.parent)): stat.S_IMODE(p.stat().st_mode) for p in [root, *root.rglob("*")]}
+def _wrong_modes(root: Path, umask: int) -> dict:
+    """Paths under ``root`` (itself included) whose mode is not what the umask gives: directories
+    0777 & ~umask, files 0666 & ~umask."""
+    wrong = {}
+    for path in [root, *root.rglob("*")]:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        expected = (0o777 if path.is_dir() else 0o666) & ~umask
+        if mode != expected:
+            wrong[str(path.relative_to(root.parent))] = f"{mode:o} (expected {expected:o})"
+    return wrong
 
 
 @pytest.fixture()
@@ -218,8 +226,8 @@ def umask(request):
 
 @pytest.mark.parametrize("umask", [0o022, 0o002], indirect=True)
 def test_outputs_follow_the_umask(tmp_path, umask):
-    """TSV-C's checkpoint, TSV-M's saved model and STI's files get the modes the umask gives: directories
-    0777 & ~umask, files 0666 & ~umask (safetensors itself creates its files 0600)."""
+    """TSV-C's checkpoint, TSV-M's saved model and STI's files get the modes the umask gives
+    (safetensors itself creates its files 0600)."""
     from fusion_bench import BaseModelPool
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -237,10 +245,18 @@ def test_outputs_follow_the_umask(tmp_path, umask):
     TSVCompressAlgorithm(show_pbar=False, device="cpu", routed_eval=False, save_path=str(tmp_path / "tsv_c")).run(dict(models))
     TSVMergeAlgorithm(show_pbar=False, save_path=str(tmp_path / "merged")).run(BaseModelPool(dict(models)))
     STIAnalysis(show_pbar=False, device="cpu", output_dir=str(tmp_path / "sti")).run(dict(models))
-    wrong = {}
-    for out in ("tsv_c", "merged", "sti"):
-        for path, mode in _modes(tmp_path / out).items():
-            expected = (0o777 if (tmp_path / path).is_dir() else 0o666) & ~umask
-            if mode != expected:
-                wrong[path] = f"{mode:o} (expected {expected:o})"
+    wrong = {k: v for out in ("tsv_c", "merged", "sti") for k, v in _wrong_modes(tmp_path / out, umask).items()}
+    assert not wrong, f"umask {umask:03o}: {wrong}"
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002], indirect=True)
+def test_benchmark_build_follows_the_umask(tmp_path, umask):
+    """Everything ``fusion-bench-tsv-build`` writes (a one-task build of a few steps), open_clip export included."""
+    from fusion_bench_tsv.benchmark.build import BuildSettings, build_benchmark
+
+    settings = BuildSettings(pretrain_steps=2, pretrain_batch=8, finetune_steps=2, finetune_batch=8, train_size=8,
+                             val_size=4, test_size=4)
+    out = build_benchmark(1, tmp_path, settings, show_pbar=False)
+    assert (out / "openclip" / "zeroshot.safetensors").is_file() and (out / "build.json").is_file()
+    wrong = _wrong_modes(out, umask)
     assert not wrong, f"umask {umask:03o}: {wrong}"

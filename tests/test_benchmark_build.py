@@ -119,6 +119,8 @@ def test_fusion_bench_cli_on_mini_build(mini_build, tmp_path, family):
         cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    log = proc.stdout + proc.stderr
+    assert "Unused argument" not in log, [line for line in log.splitlines() if "Unused argument" in line]
     result = json.loads(report.read_text())
     for task in TASK_NAMES[:3]:
         assert 0.0 <= result[task]["accuracy"] <= 1.0
@@ -144,7 +146,9 @@ def test_openclip_export_matches_hf_tower():
 def test_build_help_explains_every_setting(capsys):
     import dataclasses
 
-    from fusion_bench_tsv.benchmark.build import BuildSettings, main
+    import argparse
+
+    from fusion_bench_tsv.benchmark.build import BuildSettings, _parser, main
 
     with pytest.raises(SystemExit):
         main(["--help"])
@@ -153,6 +157,10 @@ def test_build_help_explains_every_setting(capsys):
         doc = " ".join(f.metadata.get("doc", "").split())
         assert doc, f"BuildSettings.{f.name} has no doc"
         assert f"{doc} (default: {f.default})" in text, f.name
+    # and every other option says what it does and what happens without it
+    for action in _parser()._actions:
+        if not isinstance(action, argparse._HelpAction):
+            assert action.help and "default" in action.help, action.option_strings
 
 
 def test_demo_normalizes_by_the_evaluated_build(tmp_path):

@@ -95,6 +95,7 @@ def test_end_to_end_offline_run_reports_accuracy_per_task(tiny_pool, tmp_path):
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
     assert "TSV-M: T=8 tasks" in log and "k=4 per task" in log
+    assert "Unused argument" not in log, [line for line in log.splitlines() if "Unused argument" in line]
     reports = list((tmp_path / "outputs" / "fabric_model_fusion").glob("*/program_report.json"))
     assert len(reports) == 1
     report = json.loads(reports[0].read_text())

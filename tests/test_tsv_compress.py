@@ -424,3 +424,14 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     assert manifest["storage"] == report["storage"]
     assert manifest["rank_choice"]["mode"] == "default"
     assert "TSV-C storage, T=8" in proc.stdout + proc.stderr
+    # the printed summary: one row per task and the average, percentages rounded to one decimal (the JSON keeps
+    # full precision); "-" where normalized accuracy is undefined (fine-tuned accuracy 0)
+    lines = proc.stdout.splitlines()
+    assert "task       accuracy  fine-tuned  normalized" in lines
+    for name in ("shade_a", "shade_b", "average"):
+        e = report["tasks"].get(name, report["average"])
+        cells = [f"{100 * e[k]:.1f}%" if e.get(k) is not None else "-"
+                 for k in ("accuracy", "finetuned_accuracy", "normalized_accuracy")]
+        assert f"{name:<7}" + "".join(f"  {c:>10}" for c in cells) in lines, (name, e)
+    assert f"full report: {log_dir / 'tsv_compress_report.json'}" in lines
+    assert "TSV-C routed: average {" not in proc.stdout + proc.stderr  # the former unrounded dict

@@ -12,10 +12,12 @@ from typing import Sequence
 
 from ..atomic import write_atomic
 
-__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "taskpool_config", "openclip_modelpool_config",
-           "openclip_taskpool_config", "write_suite_configs"]
+__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "clip_taskpool_config", "taskpool_config",
+           "openclip_heads_config", "openclip_modelpool_config", "openclip_taskpool_config", "write_suite_configs"]
 
-# resolved by OmegaConf when FusionBench composes the config
+# resolved by OmegaConf when FusionBench composes the config. It is spelled out in every path: a helper key
+# (``suite_dir: ...`` referred to as ``${.suite_dir}``) would reach the pool's constructor, which warns
+# "Unused argument" for every key it does not know.
 DEFAULT_SUITE_DIR = "${oc.env:FUSION_BENCH_TSV_DATA,${oc.env:HOME}/.cache/fusion_bench_tsv}/tiny_clip"
 SUITE_SIZES = (8, 14, 20)
 
@@ -24,7 +26,7 @@ _HEADER = """\
 # Offline tiny-CLIP benchmark, first {n} tasks ({tasks})
 # =============================================================================
 # Built by `fusion-bench-tsv-build --num-tasks {n}` (fusion_bench_tsv.benchmark.build).
-# suite_dir: the build directory; set FUSION_BENCH_TSV_DATA=<root> to use <root>/tiny_clip
+# The paths are under the build directory: set FUSION_BENCH_TSV_DATA=<root> to use <root>/tiny_clip
 # (default ~/.cache/fusion_bench_tsv/tiny_clip).
 #
 #   fusion_bench method=tsv/tsv_merge modelpool=CLIPVisionModelPool/tiny_clip_{n} \\
@@ -34,55 +36,60 @@ _HEADER = """\
 
 
 def modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    """``CLIPVisionModelPool`` of ``<suite_dir>/pretrained`` and ``<suite_dir>/models/<task>``."""
     return {
         "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
         "_recursive_": False,
-        "suite_dir": str(suite_dir),
-        "processor": "${.suite_dir}/pretrained",
-        "models": {"_pretrained_": "${..suite_dir}/pretrained", **{t: f"${{..suite_dir}}/models/{t}" for t in tasks}},
+        "processor": f"{suite_dir}/pretrained",
+        "models": {"_pretrained_": f"{suite_dir}/pretrained", **{t: f"{suite_dir}/models/{t}" for t in tasks}},
         "platform": "hf",
+    }
+
+
+def clip_taskpool_config(tasks: Sequence[str], data_root: str, clip_model: str, split: str = "test",
+                         batch_size: int = 200) -> dict:
+    """``CLIPVisionModelTaskPool`` on the local datasets ``<data_root>/<task>`` (see
+    :mod:`fusion_bench_tsv.local_data`), with zero-shot heads from the ``CLIPModel`` saved at ``clip_model``."""
+    return {
+        "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
+        "_recursive_": False,
+        "test_datasets": {
+            t: {"_target_": "fusion_bench_tsv.local_data.load_task_dataset", "root": str(data_root),
+                "task": t, "split": split}
+            for t in tasks
+        },
+        "clip_model": {"_target_": "transformers.CLIPModel.from_pretrained",
+                       "pretrained_model_name_or_path": str(clip_model)},
+        "processor": {"_target_": "transformers.CLIPProcessor.from_pretrained",
+                      "pretrained_model_name_or_path": str(clip_model)},
+        "dataloader_kwargs": {"batch_size": batch_size, "num_workers": 0, "shuffle": False},
     }
 
 
 def taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR, split: str = "test",
                     batch_size: int = 200) -> dict:
-    return {
-        "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
-        "_recursive_": False,
-        "suite_dir": str(suite_dir),
-        "test_datasets": {
-            t: {"_target_": "fusion_bench_tsv.local_data.load_task_dataset", "root": "${...suite_dir}/data",
-                "task": t, "split": split}
-            for t in tasks
-        },
-        "base_model": "${.suite_dir}/pretrained",
-        "clip_model": {"_target_": "transformers.CLIPModel.from_pretrained",
-                       "pretrained_model_name_or_path": "${..base_model}"},
-        "processor": {"_target_": "transformers.CLIPProcessor.from_pretrained",
-                      "pretrained_model_name_or_path": "${..base_model}"},
-        "dataloader_kwargs": {"batch_size": batch_size, "num_workers": 0, "shuffle": False},
-    }
+    """:func:`clip_taskpool_config` on ``<suite_dir>/data`` with ``<suite_dir>/pretrained``."""
+    return clip_taskpool_config(tasks, f"{suite_dir}/data", f"{suite_dir}/pretrained", split, batch_size)
 
 
-def _openclip_file(loader: str, path: str) -> dict:
-    return {"_target_": f"fusion_bench_tsv.benchmark.openclip_export.{loader}", "path": f"${{...suite_dir}}/openclip/{path}"}
+def _openclip_file(loader: str, suite_dir: str, path: str) -> dict:
+    return {"_target_": f"fusion_bench_tsv.benchmark.openclip_export.{loader}", "path": f"{suite_dir}/openclip/{path}"}
 
 
-def openclip_heads_config(tasks: Sequence[str]) -> dict:
-    return {t: _openclip_file("load_classification_head", f"head_{t}.safetensors") for t in tasks}
+def openclip_heads_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    return {t: _openclip_file("load_classification_head", suite_dir, f"head_{t}.safetensors") for t in tasks}
 
 
 def openclip_modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
     def model(path: str) -> dict:
-        return _openclip_file("load_image_encoder", path)
+        return _openclip_file("load_image_encoder", suite_dir, path)
 
     return {
         "_target_": "fusion_bench.modelpool.OpenCLIPVisionModelPool",
         "_recursive_": False,
-        "suite_dir": str(suite_dir),
         "models": {"_pretrained_": model("zeroshot.safetensors"),
                    **{t: model(f"{t}/finetuned.safetensors") for t in tasks}},
-        "classification_heads": openclip_heads_config(tasks),
+        "classification_heads": openclip_heads_config(tasks, suite_dir),
     }
 
 
@@ -92,9 +99,8 @@ def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUIT
     return {
         "_target_": "fusion_bench.taskpool.OpenCLIPVisionModelTaskPool",
         "_recursive_": False,
-        "suite_dir": str(suite_dir),
         "test_datasets": cfg["test_datasets"],
-        "classification_heads": openclip_heads_config(tasks),
+        "classification_heads": openclip_heads_config(tasks, suite_dir),
         "dataloader_kwargs": cfg["dataloader_kwargs"],
     }
 
@@ -120,10 +126,10 @@ def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_
         _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}.yaml", header,
                taskpool_config(tasks, suite_dir))
         _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}_val.yaml",
-               header.replace("# suite_dir", "# Validation splits (for choosing alpha).\n# suite_dir"),
+               header.replace("# The paths", "# Validation splits (for choosing alpha).\n# The paths"),
                taskpool_config(tasks, suite_dir, split="validation"))
         oc_header = header.replace("CLIPVisionModel", "OpenCLIPVisionModel").replace(
-            "# suite_dir", "# The open_clip task-vector layout (<suite_dir>/openclip).\n# suite_dir")
+            "# The paths", "# The open_clip task-vector layout (<build directory>/openclip).\n# The paths")
         _write(config_dir / "modelpool" / "OpenCLIPVisionModelPool" / f"{name}_{n}.yaml", oc_header,
                openclip_modelpool_config(tasks, suite_dir))
         _write(config_dir / "taskpool" / "OpenCLIPVisionModelTaskPool" / f"{name}_{n}.yaml", oc_header,

@@ -20,7 +20,7 @@ from typing import Callable, List, Tuple
 
 import numpy as np
 
-__all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "get_task", "make_split", "caption_corpus_batch", "COLOURS"]
+__all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "make_split", "caption_corpus_batch", "COLOURS"]
 
 Array = np.ndarray
 Gen = np.random.Generator
@@ -384,13 +384,6 @@ TASKS: List[TaskSpec] = [
     TaskSpec("combos", tuple(f"{c} {s}" for c, s in COMBOS), ("a photo of a {}.", "a {}."), _combos),
 ]
 TASK_NAMES = [t.name for t in TASKS]
-
-
-def get_task(name: str) -> TaskSpec:
-    for t in TASKS:
-        if t.name == name:
-            return t
-    raise KeyError(f"unknown benchmark task {name!r}; known: {TASK_NAMES}")
 
 
 def make_split(task: TaskSpec, num_images: int, size: int, seed: int) -> Tuple[Array, Array]:
