@@ -94,8 +94,10 @@ print(json.dumps({"fusion_bench": fusion_bench.__file__, "tsv_package": sys.modu
 
 def test_pull_request_on_fusion_bench_sdist(sdist, tmp_path):
     """Apply upstream/tsv.patch to the sdist (in FusionBench's repository layout), install it, and run its tests."""
+    if importlib.util.find_spec("setuptools") is None:
+        pytest.fail("setuptools, the build backend of fusion-bench's sdist, is not installed here: pip install setuptools")
     with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path, filter="data")
+        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
     src = tmp_path / f"fusion_bench-{generate.FUSION_BENCH_VERSION}"
     # the repository keeps the configs in config/ with fusion_bench_config -> config; the sdist ships the directory
     (src / "fusion_bench_config").rename(src / "config")

@@ -398,13 +398,15 @@ def requirement_closure(direct: Sequence[str]) -> set:
     return seen
 
 
-def dependency_report(sources: Dict[str, str], pyproject: str) -> Tuple[List[str], List[str]]:
-    """(new requirements for FusionBench's pyproject, lines describing every third-party import)."""
-    import tomllib
+def dependency_report(sources: Dict[str, str], pkg_info: str) -> Tuple[List[str], List[str]]:
+    """(new requirements for FusionBench's pyproject, lines describing every third-party import), from the
+    sdist's metadata (``PKG-INFO``: its ``Requires-Dist`` without extras)."""
+    from email.parser import Parser
 
     from packaging.requirements import Requirement
 
-    declared = [Requirement(r).name for r in tomllib.loads(pyproject)["project"]["dependencies"]]
+    requires = [Requirement(r) for r in Parser().parsestr(pkg_info).get_all("Requires-Dist", [])]
+    declared = [r.name for r in requires if r.marker is None or r.marker.evaluate({"extra": ""})]
     declared_names = {_dist_name(d) for d in declared}
     closure = requirement_closure(declared)
     new, lines = [], []
@@ -426,7 +428,7 @@ def sdist_path(cache_dir: Path) -> Path:
     archive = cache_dir / f"fusion_bench-{FUSION_BENCH_VERSION}.tar.gz"
     if not archive.is_file():
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
                f"fusion-bench=={FUSION_BENCH_VERSION}", "-d", str(cache_dir)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0 or not archive.is_file():
@@ -505,7 +507,7 @@ def build(cache_dir: Path) -> Dict[str, str]:
     edited = sorted({p for p, _, _ in UPSTREAM_EDITS} | set(UPSTREAM_REPLACEMENTS))
     originals = read_sdist(archive, edited)
     python_sources = {p: t for p, t in tree.items() if p.endswith(".py") and not p.startswith("tests/")}
-    new_deps, dep_lines = dependency_report(python_sources, originals["pyproject.toml"])
+    new_deps, dep_lines = dependency_report(python_sources, read_sdist(archive, ["PKG-INFO"])["PKG-INFO"])
     names = sorted(exported)
     fill = dict(
         group=METHOD_GROUP,
