@@ -1,0 +1,68 @@
+"""The math of Task Singular Vectors as pure tensor functions.
+
+No FusionBench, no I/O, no models: one matrix (or a list of per-task matrices) in, tensors out.
+Every algorithm of :mod:`fusion_bench.method.tsv` calls these.
+"""
+
+from .compress import (
+    check_rank_options,
+    compress_matrix,
+    energy_rank,
+    factor_numel,
+    fraction_rank,
+    layer_rank,
+    reconstruct,
+)
+from .interference import (
+    mean_pairwise_cosine,
+    pairwise_singular_task_interference,
+    pairwise_sti_from_factors,
+    singular_task_interference,
+    sti_from_factors,
+    task_cosine_similarity,
+    task_factors,
+    truncate_factors,
+)
+from .merge import tsv_merge_factors, tsv_merge_matrix
+from .svd import (
+    GRAM_COND_LIMIT,
+    SVD_METHODS,
+    SVDFactors,
+    compute_dtype,
+    concat_factors,
+    default_rank,
+    eigh_top,
+    inv_sqrt_gram,
+    orthogonalize,
+    truncated_svd,
+)
+
+__all__ = [
+    "SVDFactors",
+    "check_rank_options",
+    "compress_matrix",
+    "compute_dtype",
+    "concat_factors",
+    "default_rank",
+    "eigh_top",
+    "energy_rank",
+    "factor_numel",
+    "fraction_rank",
+    "GRAM_COND_LIMIT",
+    "inv_sqrt_gram",
+    "layer_rank",
+    "mean_pairwise_cosine",
+    "orthogonalize",
+    "pairwise_singular_task_interference",
+    "pairwise_sti_from_factors",
+    "reconstruct",
+    "singular_task_interference",
+    "sti_from_factors",
+    "SVD_METHODS",
+    "task_cosine_similarity",
+    "task_factors",
+    "truncate_factors",
+    "truncated_svd",
+    "tsv_merge_factors",
+    "tsv_merge_matrix",
+]

@@ -1,0 +1,62 @@
+"""TSV-M: Task Singular Vector Merging of one layer (Gargiulo et al., CVPR 2025, Alg. 1)."""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, inv_sqrt_gram, orthogonalize, truncated_svd
+
+__all__ = ["tsv_merge_factors", "tsv_merge_matrix"]
+
+
+def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = "svd") -> Tensor:
+    r"""Merge per-task low-rank factors into one update :math:`M = U_\perp \Sigma V_\perp^\top`.
+
+    :math:`U = [U_1 \dots U_T]` and :math:`V = [V_1 \dots V_T]` are replaced by their nearest
+    orthonormal matrices (:func:`orthogonalize`), :math:`\Sigma = \mathrm{blockdiag}(\Sigma_i)`.
+    The result is computed in the factors' dtype (pass float32/float64 factors) and is not scaled by α.
+
+    ``method="gram"`` never forms :math:`U_\perp` or :math:`V_\perp`: with the whitening identity
+    :math:`U_\perp = U (U^\top U)^{-1/2}` it solves two :math:`Tk \times Tk` eigenproblems in float64
+    and returns :math:`U \,[(U^\top U)^{-1/2} \Sigma (V^\top V)^{-1/2}]\, V^\top`; it falls back to the
+    SVD path when :math:`U^\top U` or :math:`V^\top V` is singular or ill-conditioned (e.g. ``Tk > min(m, n)``).
+    """
+    if method not in ("svd", "gram"):
+        raise ValueError(f"unknown tsv_merge_factors method {method!r}; expected 'svd' or 'gram'")
+    U, S, Vh = concat_factors(factors)
+    if method == "gram":
+        w_u = inv_sqrt_gram(U)
+        w_v = inv_sqrt_gram(Vh.T) if w_u is not None else None
+        if w_v is not None:
+            core = (w_u * S.to(torch.float64)) @ w_v  # (UᵀU)^(-1/2) Σ (VᵀV)^(-1/2), Tk × Tk
+            return U @ (core.to(Vh.dtype) @ Vh)
+    U_perp = orthogonalize(U)
+    Vh_perp = orthogonalize(Vh)
+    return (U_perp * S) @ Vh_perp
+
+
+def tsv_merge_matrix(deltas: Sequence[Tensor], k: Optional[int] = None, method: str = "svd") -> Tensor:
+    r"""TSV-M of one weight matrix from the task updates :math:`\Delta_i = \theta_i - \theta_0`.
+
+    :math:`M = U_\perp \Sigma V_\perp^\top` where :math:`U, \Sigma, V` concatenate the top-``k``
+    singular triplets of every :math:`\Delta_i`; ``k`` defaults to ``floor(min(m, n) / T)`` (at least 1).
+    Computed in float32 at least (float64 stays float64); the result has the inputs' dtype and is not
+    scaled by α: the merged weight is :math:`\theta_0 + \alpha M`.
+
+    ``method``: ``"svd"`` (default, full SVDs as the reference), ``"gram"`` (Gram/eigh paths of
+    :func:`truncated_svd` and :func:`tsv_merge_factors`, exact and faster) or ``"randomized"``
+    (approximate per-task SVD, Gram orthogonalization).
+    """
+    if len(deltas) == 0:
+        raise ValueError("tsv_merge_matrix needs at least one task matrix")
+    shape, dtype = deltas[0].shape, deltas[0].dtype
+    for i, d in enumerate(deltas):
+        if d.dim() != 2 or d.shape != shape:
+            raise ValueError(f"deltas[{i}] has shape {tuple(d.shape)}, expected the 2-D shape {tuple(shape)}")
+    k = default_rank(shape, len(deltas)) if k is None else k
+    work = compute_dtype(dtype)
+    factors = [truncated_svd(d.to(work), k, method) for d in deltas]
+    return tsv_merge_factors(factors, "svd" if method == "svd" else "gram").to(dtype)
