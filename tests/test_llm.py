@@ -238,7 +238,7 @@ def test_tsv_c_and_sti_run_on_lazy_llm_pool(llm, tmp_path):
     # embeddings are kept in full per task with the LLM exclusions
     assert torch.equal(models["code"].model.embed_tokens.weight, llm["states"]["code"]["model.embed_tokens.weight"])
 
-    sti = STIAnalysis(show_pbar=False, exclude_keys=LLM_EXCLUDE_KEYS, output_dir=str(tmp_path / "sti"))
+    sti = STIAnalysis(show_pbar=False, exclude_keys=LLM_EXCLUDE_KEYS, save_path=str(tmp_path / "sti"))
     sti.run(pool)
     layers = [row["layer"] for row in sti.results["layers"]]
     assert key in layers and not any("embed_tokens" in k or "lm_head" in k for k in layers)
