@@ -254,3 +254,66 @@ def test_own_output_and_empty_directory_are_replaced_but_not_with_foreign_files(
     with pytest.raises(FileExistsError, match=r"did not write \(my_notes.txt\)"):
         run(method, save_path=str(target))
     assert (target / "my_notes.txt").read_text() == "added by the user"
+
+
+# ------------------------------------------------------------------------------ command-line mistakes
+@pytest.mark.cli
+@pytest.mark.parametrize("typo, meant", [("tsv/tsv_merg", "tsv/tsv_merge"), ("tsv_compress", "tsv/tsv_compress")])
+def test_config_typo_suggests_and_lists_our_methods(typo, meant, tmp_path):
+    """Hydra itself lists only the configs directly in method/, never method/tsv/*."""
+    from conftest import run_fusion_bench
+
+    proc = run_fusion_bench([f"method={typo}", "modelpool=dummy", "taskpool=dummy"], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    lines = output[output.index(f"Could not find 'method/{typo}'"):].splitlines()
+    assert lines[1].startswith(f"Did you mean 'method={meant}'"), lines[:3]
+    assert lines[2] == ("Options of fusion_bench_tsv for 'method': "
+                        "tsv/sti_analysis, tsv/tsv_compress, tsv/tsv_merge, tsv/tsv_merge_llm"), lines[:3]
+
+
+@pytest.mark.cli
+def test_offline_benchmark_not_built_says_how_to_build_it(tmp_path, monkeypatch):
+    from conftest import run_fusion_bench
+
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path / "data"))
+    proc = run_fusion_bench(["method=tsv/tsv_merge", "modelpool=CLIPVisionModelPool/tiny_clip_8",
+                             "taskpool=CLIPVisionModelTaskPool/tiny_clip_8", "print_config=false"], cwd=tmp_path)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    suite = tmp_path / "data" / "tiny_clip"
+    assert (f"FileNotFoundError: model '_pretrained_': local path {suite}/pretrained does not exist; the offline "
+            f"benchmark at {suite} is not built: run `fusion-bench-tsv-build --num-tasks 8`") in output, output[-2000:]
+
+
+def _suite_pool(num_tasks: int):
+    """The CLIPVisionModelPool that config/modelpool/CLIPVisionModelPool/tiny_clip_<N>.yaml makes."""
+    from fusion_bench.modelpool import CLIPVisionModelPool
+
+    config = OmegaConf.load(REPO_ROOT / "config" / "modelpool" / "CLIPVisionModelPool" / f"tiny_clip_{num_tasks}.yaml")
+    return CLIPVisionModelPool(models=OmegaConf.to_container(config, resolve=True)["models"])
+
+
+@pytest.mark.parametrize("method", CLASSES)
+def test_suite_larger_than_the_one_built(method, tmp_path, monkeypatch):
+    """A build of 8 tasks, used with the 14-task pool: the 9th task is missing."""
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path))
+    built, wanted = _suite_pool(8), _suite_pool(14)
+    suite = tmp_path / "tiny_clip"
+    for name in built.model_names + ["_pretrained_"]:
+        Path(built.get_model_path(name)).mkdir(parents=True)
+    (suite / "build.json").write_text("{}")
+    ninth = [n for n in wanted.model_names if n not in built.model_names][0]
+    with pytest.raises(FileNotFoundError) as info:
+        CLASSES[method](**QUIET[method]).run(wanted)
+    assert (f"model '{ninth}': local path {suite}/models/{ninth} does not exist; the offline benchmark at {suite} "
+            f"was built with fewer than 14 tasks: run `fusion-bench-tsv-build --num-tasks 14`") in str(info.value)
+
+
+def test_benchmark_elsewhere_than_the_default_root_gets_root_in_the_command(tmp_path, monkeypatch):
+    from fusion_bench_tsv.streaming import offline_benchmark_hint
+
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path / "default"))
+    hint = offline_benchmark_hint(str(tmp_path / "other" / "tiny_clip" / "openclip" / "zeroshot.safetensors"), 20)
+    assert hint.endswith(f"run `fusion-bench-tsv-build --num-tasks 20 --root {tmp_path / 'other'}`"), hint
+    assert offline_benchmark_hint("/data/models/task_a", 8) == ""
