@@ -17,7 +17,7 @@ import os
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping
 
 import torch
 
