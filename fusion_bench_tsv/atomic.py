@@ -236,13 +236,19 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -
     return path
 
 
-def write_dir_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
+def write_dir_atomic(
+    path: Union[str, os.PathLike],
+    write: Callable[[Path], None],
+    before_replace: Optional[Callable[[Path], None]] = None,
+) -> Path:
     """Call ``write(tmp)`` on a new temporary directory beside ``path``, sync it and move it into place.
 
     A reader sees the old directory or the complete new one: an existing ``path`` is exchanged with the
     new directory in one step where the OS allows it, else renamed aside first (see the module's docstring),
     then deleted. If ``write`` fails, the temporary directory is removed and ``path`` is untouched.
-    Abandoned temporaries of ``path`` are removed first (:func:`remove_stale_temporaries`).
+    ``before_replace(path)``, when given, runs right before the move and may refuse it by raising (the
+    temporary is removed, ``path`` untouched). Abandoned temporaries of ``path`` are removed first
+    (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -253,6 +259,8 @@ def write_dir_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None
         write(tmp)
         _apply_umask(tmp)
         _fsync_tree(tmp)
+        if before_replace is not None:
+            before_replace(path)
         if not os.path.lexists(path):
             os.replace(tmp, path)
         elif _exchange(tmp, path):

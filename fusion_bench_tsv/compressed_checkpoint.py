@@ -34,7 +34,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .atomic import write_dir_atomic
+from .outputs import output_dir, write_output_dir
 from .functional import SVDFactors, compute_dtype, factor_numel, reconstruct
 from .paths import confined_path
 from .safetensors_state import SAFETENSORS_DTYPES, CheckpointError, read_safetensors_header
@@ -242,8 +242,8 @@ def save_compressed(
     """Write ``tasks`` to the checkpoint ``directory`` atomically and return the manifest.
 
     The directory is written under a temporary name in its parent and moved into place
-    (:func:`~fusion_bench_tsv.atomic.write_dir_atomic`); an existing checkpoint there is replaced, any
-    other existing non-empty directory is an error.
+    (:func:`~fusion_bench_tsv.outputs.write_output_dir`); an existing directory there is replaced only
+    when it is empty or was written by this package, anything else is a ``FileExistsError``.
     """
     from safetensors.torch import save_file
 
@@ -252,9 +252,7 @@ def save_compressed(
     names = [t.name for t in tasks]
     if len(set(names)) != len(names):
         raise ValueError(f"task names must be unique, got {names}")
-    directory = Path(directory)
-    if directory.exists() and any(directory.iterdir()) and not (directory / MANIFEST_FILE).is_file():
-        raise FileExistsError(f"{directory} exists and is not a TSV-C checkpoint: refusing to overwrite it")
+    directory = output_dir(str(directory), None, "tsv_c", "TSV-C")
     first = tasks[0]
     for t in tasks:
         if set(t.factors) != set(first.factors) or set(t.others) != set(first.others):
@@ -313,7 +311,7 @@ def save_compressed(
                                            "sha256": _file_digest(tmp / TENSOR_FILE)}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
 
-    write_dir_atomic(directory, write)
+    write_output_dir(directory, write, "TSV-C")
     return manifest
 
 

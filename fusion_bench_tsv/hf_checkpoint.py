@@ -9,7 +9,7 @@ from typing import Union
 
 from torch import nn
 
-from .atomic import write_dir_atomic
+from .outputs import write_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +25,9 @@ def save_hf_model(
 ) -> Path:
     """``model.save_pretrained(path, max_shard_size=...)`` (safetensors; sharded with a
     ``model.safetensors.index.json`` above ``max_shard_size``) and ``tokenizer.save_pretrained(path)``,
-    written into a temporary directory next to ``path`` and renamed into place (:func:`write_dir_atomic`).
-    ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
+    written into a temporary directory next to ``path`` and renamed into place
+    (:func:`~.outputs.write_output_dir`: an existing ``path`` is replaced only when empty or written by this
+    package). ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"cannot save a {type(model).__name__} in Hugging Face format: it has no save_pretrained")
@@ -36,6 +37,6 @@ def save_hf_model(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 
-    out = write_dir_atomic(path, write)
+    out = write_output_dir(path, write, "TSV-M")
     log.info(f"merged model written to {out} (max_shard_size={max_shard_size}, tokenizer={'yes' if tokenizer is not None else 'no'})")
     return out

@@ -12,8 +12,8 @@ Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081, Eq. 4):
 
 plus the mean pairwise cosine similarity of the task vectors (the coarse baseline) and the T × T
 pairwise STI at rank k, summed over layers. Nothing is returned to evaluate; it writes ``sti.json``,
-``sti.csv`` (one row per layer), ``sti_per_layer.png`` and ``sti_pairwise.png`` into the run's log
-directory and logs the per-layer values to the Fabric logger (TensorBoard), step = layer index.
+``sti.csv`` (one row per layer), ``sti_per_layer.png`` and ``sti_pairwise.png`` into ``<log_dir>/sti``
+(option ``save_path``) and logs the per-layer values to the Fabric logger (TensorBoard), step = layer index.
 
 Example (8 CLIP ViT-B/32 tasks)::
 
@@ -53,7 +53,8 @@ from .functional import (
     truncate_factors,
     truncated_svd,
 )
-from .atomic import write_atomic
+from .options import validate_options
+from .outputs import output_dir, write_output_dir
 from .streaming import (
     as_modelpool,
     check_finite,
@@ -108,8 +109,10 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             modelpool per group. A layer larger than the budget is analysed alone.
         exclude_keys: glob patterns of parameter names not analysed (default as TSV-M).
         device: where the linear algebra runs; ``None`` is the Fabric device.
-        output_dir: where the files go; ``None`` is the run's log directory. Without either (no
-            Fabric logger, e.g. from Python) nothing is written; results stay in ``self.results``.
+        save_path: the directory the files go to (``{log_dir}``: the run's log dir); ``None`` (default)
+            and the log dir itself mean ``<log_dir>/sti``. Without a log dir (no Fabric logger, e.g. from
+            Python) and no ``save_path`` nothing is written; results stay in ``self.results``. An existing
+            path is replaced only when it is an empty directory or one this package wrote.
         show_pbar: progress bars.
         allow_missing_keys: accept a checkpoint (fine-tuned or pretrained) that lacks parameters of the
             model it is loaded into; ``from_pretrained`` fills them with random values. ``False`` (default)
@@ -123,16 +126,12 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         max_memory_gb: float = 4.0,
         exclude_keys: Optional[Sequence[str]] = DEFAULT_EXCLUDE_KEYS,
         device: Optional[str] = None,
-        output_dir: Optional[str] = None,
+        save_path: Optional[str] = None,
         show_pbar: bool = True,
         allow_missing_keys: bool = False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"option 'rank' must be a positive integer or null, got {rank!r}")
-        if not isinstance(max_memory_gb, (int, float)) or isinstance(max_memory_gb, bool) or max_memory_gb <= 0:
-            raise ValueError(f"option 'max_memory_gb' must be a positive number, got {max_memory_gb!r}")
+        super().__init__(**validate_options(self, kwargs))
         self.results: Optional[dict] = None
 
     def _device(self) -> torch.device:
@@ -163,6 +162,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> None:
         """Analyse ``modelpool`` and write the results; returns ``None`` (nothing to evaluate)."""
         modelpool = as_modelpool(modelpool, "STI")
+        out_dir = self.output_path()  # refuses a save_path in use before anything is computed
         names = finetuned_model_names(modelpool, "STI", minimum=2)
         device = self._device()
         with self.profile("load pretrained"):
@@ -217,15 +217,21 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         self.results = self.summarize(names, rows, pairwise, pairwise_normalized)
         self.fabric.log_dict({f"sti_total/{k}": v for k, v in self.results["totals"].items()}, step=0)
         log.info("STI totals: " + ", ".join(f"{k}={v:.6g}" for k, v in self.results["totals"].items()))
-        out_dir = self.output_dir if self.output_dir is not None else self.log_dir
         if out_dir is None:
-            log.warning("STI: no output_dir and no Fabric log directory: results are only in self.results")
+            log.warning("STI: no save_path and no Fabric log directory: results are only in self.results")
         else:
             with self.profile("write outputs"):
-                self.write_outputs(Path(out_dir), self.results)
+                self.write_outputs(out_dir, self.results)
             log.info(f"STI: results written to {out_dir}")
         self.print_profile_summary("STI profile")
         return None
+
+    def output_path(self) -> Optional[Path]:
+        """Where the files go: ``save_path``, by default ``<log_dir>/sti`` (None without a log dir), refused
+        when something there was not written by this package (:func:`~.outputs.output_dir`)."""
+        if self.save_path is None and self.log_dir is None:
+            return None
+        return output_dir(self.save_path or "{log_dir}", self.log_dir, "sti", "STI")
 
     def analyse_layer(self, key: str, kept: list, k: int, device: torch.device):
         """One layer's CSV row and its T × T pairwise STI (raw and normalized, float64 on CPU)."""
@@ -290,16 +296,20 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         }
 
     def write_outputs(self, out_dir: Path, results: dict) -> None:
-        """``sti.json``, ``sti.csv``, ``sti_per_layer.png`` and ``sti_pairwise.png`` (atomic writes)."""
+        """``sti.json``, ``sti.csv``, ``sti_per_layer.png`` and ``sti_pairwise.png``, written together as
+        one directory (:func:`~.outputs.write_output_dir`)."""
+        write_output_dir(out_dir, lambda tmp: self._write_files(tmp, results), "STI")
+
+    def _write_files(self, out_dir: Path, results: dict) -> None:
         from .plots import heatmap, per_layer_bars
 
-        write_atomic(out_dir / "sti.json", lambda p: p.write_text(json.dumps(results, indent=2)))
+        (out_dir / "sti.json").write_text(json.dumps(results, indent=2))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
         writer.writeheader()
         for row in results["layers"]:
             writer.writerow({c: ("" if row[c] is None else row[c]) for c in CSV_COLUMNS})
-        write_atomic(out_dir / "sti.csv", lambda p: p.write_text(buffer.getvalue()))
+        (out_dir / "sti.csv").write_text(buffer.getvalue())
 
         rows = results["layers"]
         series = {}
@@ -314,7 +324,7 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             ylabel="STI / ||Σ||₁",
             log_scale=True,
         )
-        write_atomic(out_dir / "sti_per_layer.png", lambda p: fig.savefig(p, format="png", dpi=120))
+        fig.savefig(out_dir / "sti_per_layer.png", format="png", dpi=120)
         pairwise = [
             [float("nan") if i == j else v for j, v in enumerate(row)]
             for i, row in enumerate(results["pairwise"]["sti_sum"])
@@ -325,4 +335,4 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             title="Pairwise STI at rank k, summed over layers (diagonal: 0)",
             colorbar_label="STI",
         )
-        write_atomic(out_dir / "sti_pairwise.png", lambda p: fig.savefig(p, format="png", dpi=120))
+        fig.savefig(out_dir / "sti_pairwise.png", format="png", dpi=120)

@@ -145,14 +145,32 @@ def check_pool_entries(modelpool) -> None:
     """Raise a ``FileNotFoundError`` naming the model for an entry that is meant as a local path
     (:func:`~.paths.looks_like_local_path`) and does not exist. Hub ids are left to the loader."""
     models = modelpool._models
-    for name in list(models.keys()) if hasattr(models, "keys") else []:
+    names = list(models.keys()) if hasattr(models, "keys") else []
+    for name in names:
         for path in _entry_paths(models[name]):
             if looks_like_local_path(path) and not os.path.exists(path):
                 hint = " ('~' is not expanded: write the full path)" if path.startswith("~") else ""
+                hint += offline_benchmark_hint(path, len([n for n in names if n != "_pretrained_"]))
                 raise FileNotFoundError(
-                    f"model '{name}': local path {path} does not exist{hint}; fix the modelpool entry "
+                    f"model '{name}': local path {path} does not exist{hint}; otherwise fix the modelpool entry "
                     f"(modelpool.models.{name}=<checkpoint directory or hub id>)"
                 )
+
+
+def offline_benchmark_hint(path: str, num_tasks: int) -> str:
+    """For a missing ``path`` inside the offline benchmark's layout (``<root>/tiny_clip/...``): the exact
+    ``fusion-bench-tsv-build`` command that makes it; ``""`` for any other path."""
+    from .benchmark.build import default_root
+
+    suite = next((p for p in list(Path(path).parents)[:3] if p.name == "tiny_clip"), None)
+    if suite is None:
+        return ""
+    root = suite.parent
+    command = f"fusion-bench-tsv-build --num-tasks {num_tasks}"
+    if os.path.realpath(root) != os.path.realpath(default_root()):
+        command += f" --root {root}"
+    state = "is not built" if not (suite / "build.json").is_file() else f"was built with fewer than {num_tasks} tasks"
+    return f"; the offline benchmark at {suite} {state}: run `{command}`"
 
 
 def _pool_entry(modelpool, name: str):

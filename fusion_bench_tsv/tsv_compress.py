@@ -44,7 +44,9 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_
 from .compressed_checkpoint import CompressedTask, build_task_model, save_compressed, storage_accounting
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
 from .routed_eval import evaluate_on_task, format_summary, normalized_accuracy, supports_routing, taskpool_tasks
-from .atomic import expand_log_dir, write_atomic
+from .atomic import write_atomic
+from .options import float_dtype, validate_options
+from .outputs import output_dir
 from .streaming import (
     as_modelpool,
     check_finite,
@@ -64,15 +66,6 @@ __all__ = ["TSVCompressAlgorithm"]
 REPORT_FILE = "tsv_compress_report.json"
 
 
-def _dtype(name: Optional[str]) -> Optional[torch.dtype]:
-    if name is None:
-        return None
-    dtype = getattr(torch, str(name).removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"option 'factor_dtype' must be a floating-point torch dtype name or null, got {name!r}")
-    return dtype
-
-
 @auto_register_config
 class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     """Task Singular Vector Compression, streaming the modelpool one fine-tuned model at a time.
@@ -85,7 +78,9 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             k = floor(min(m, n) / T), at least 1.
         exclude_keys: glob patterns of 2-D parameters that are stored in full instead of compressed.
         save_path: directory for the compressed checkpoint (``{log_dir}`` is replaced by the run's log
-            dir); ``None`` saves nothing.
+            dir; the log dir itself means ``<log_dir>/tsv_c``); ``None`` saves nothing. An existing path is
+            replaced only when it is an empty directory or one this package wrote; anything else is refused
+            before the compression starts.
         factor_dtype: dtype of the stored factors (e.g. ``float16``); ``None`` is each matrix's own dtype.
         routed_eval: evaluate each task's model on its own task through the program's task pool.
         evaluate_finetuned: in routed evaluation, also evaluate each fine-tuned model on its task, for the
@@ -112,12 +107,14 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
         allow_missing_keys: bool = False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        check_rank_options(fraction=fraction, rank=rank, energy=energy)
-        _dtype(factor_dtype)
+        super().__init__(**validate_options(self, kwargs))
+        check_rank_options(fraction=self.fraction, rank=self.rank, energy=self.energy)
         self.evaluations: List[Dict[str, str]] = []
 
     # ------------------------------------------------------------------ compression
+    def _factor_dtype(self) -> Optional[torch.dtype]:
+        return float_dtype(self.factor_dtype) if self.factor_dtype is not None else None
+
     def _device(self) -> torch.device:
         return torch.device(self.device) if self.device is not None else self.fabric.device
 
@@ -166,7 +163,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             for key in tqdm(matrix_keys, desc=f"  {name}", leave=False, disable=not self.show_pbar):
                 work = compute_dtype(base[key].dtype)
                 delta = state[key].to(device, work) - base[key].to(device, work)
-                store = _dtype(self.factor_dtype) or base[key].dtype
+                store = self._factor_dtype() or base[key].dtype
                 with self.profile("truncated svd"):
                     if self.energy is not None:
                         factors = compress_matrix(delta, energy=self.energy)
@@ -180,7 +177,7 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             tasks.append(task)
 
         floating = {k: (tuple(base[k].shape), base[k].dtype) for k in matrix_keys + other_keys}
-        storage = storage_accounting(floating, [t.ranks for t in tasks], _dtype(self.factor_dtype))
+        storage = storage_accounting(floating, [t.ranks for t in tasks], self._factor_dtype())
         self._log_storage(storage)
         if self.energy is not None:
             for t in tasks:
@@ -193,12 +190,12 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]):
         """Compress, optionally save, then evaluate (routed) or return ``{task: θ₀ + Δ̂ᵢ}``."""
         modelpool = as_modelpool(modelpool, "TSV-C")
+        # refuses a save_path in use before anything is computed; `{log_dir}` alone: <log_dir>/tsv_c
+        checkpoint = None if self.save_path is None else str(output_dir(self.save_path, self.log_dir, "tsv_c", "TSV-C"))
         pretrained, tasks, storage = self.compress(modelpool)
         num_tasks = len(tasks)
 
-        checkpoint = None
-        if self.save_path is not None:
-            checkpoint = os.path.normpath(expand_log_dir(self.save_path, self.log_dir))
+        if checkpoint is not None:
             with self.profile("save checkpoint"):
                 save_compressed(
                     checkpoint, tasks, state_dict_of(pretrained),

@@ -32,6 +32,7 @@ from collections import Counter, deque
 from concurrent.futures import Future
 from contextlib import contextmanager
 from copy import deepcopy
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -41,9 +42,10 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin, auto_register_config
 
-from .atomic import expand_log_dir
-from .functional import SVD_METHODS, SVDFactors, compute_dtype, layer_rank, truncated_svd, tsv_merge_factors
+from .functional import SVDFactors, compute_dtype, layer_rank, truncated_svd, tsv_merge_factors
 from .hf_checkpoint import save_hf_model
+from .options import validate_options
+from .outputs import output_dir
 from .parallel import LayerExecutor, resolve_workers
 from .sharding import send_to_rank_zero, split_by_size
 from .streaming import (
@@ -66,25 +68,23 @@ __all__ = ["TSVMergeAlgorithm"]
 DEFAULT_EXCLUDE_KEYS = ("*text_projection*",)
 
 
-def resolve_alpha(alpha, num_tasks: int) -> tuple[List[float], float]:
-    """Split ``alpha`` into per-task scales (applied to each Δᵢ before the SVD) and a final scale.
+def resolve_alpha(alpha: Union[float, Sequence[float], None], num_tasks: int) -> tuple[List[float], float]:
+    """Split ``alpha`` (validated by :func:`~.options.validate_options`) into per-task scales (applied to
+    each Δᵢ before the SVD) and a final scale.
 
     A number scales the merged update; a list of T numbers scales each task vector, as FusionBench's
     TSVM does.
     """
     if alpha is None:
         return [1.0] * num_tasks, 1.0
-    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+    if not isinstance(alpha, (list, tuple)):
         return [1.0] * num_tasks, float(alpha)
-    try:
-        values = [float(a) for a in alpha]
-    except TypeError as e:
-        raise ValueError(f"option 'alpha' must be a number or a list of {num_tasks} numbers, got {alpha!r}") from e
-    if len(values) != num_tasks:
+    if len(alpha) != num_tasks:
         raise ValueError(
-            f"option 'alpha' has {len(values)} values but the modelpool has {num_tasks} fine-tuned models"
+            f"option 'alpha' has {len(alpha)} values but the modelpool has {num_tasks} fine-tuned models: "
+            f"give one number per task, or a single number"
         )
-    return values, 1.0
+    return [float(a) for a in alpha], 1.0
 
 
 @auto_register_config
@@ -117,8 +117,10 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
             peak memory about the merged model plus one layer × T); otherwise one model at a time. A
             ``CausalLMPool`` with ``enable_lazy_loading: true`` is read lazily even with ``false``.
         save_path: write the merged model in Hugging Face format here (``{log_dir}``: the run's log
-            dir), sharded safetensors with the pool's tokenizer, atomically (temporary directory, then
-            rename); ``None`` (default) saves nothing (FusionBench's ``merged_model_save_path`` still works,
+            dir; the log dir itself means ``<log_dir>/merged_model``), sharded safetensors with the pool's
+            tokenizer, atomically (temporary directory, then rename). An existing path is replaced only when
+            it is an empty directory or one this package wrote; anything else is refused before the merge
+            starts. ``None`` (default) saves nothing (FusionBench's ``merged_model_save_path`` still works,
             not atomically).
         max_shard_size: largest safetensors shard of ``save_path`` (``save_pretrained``'s option).
         save_tokenizer: with ``save_path``, also save the pool's tokenizer (when the pool has one).
@@ -153,12 +155,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         allow_missing_keys: bool = False,
         **kwargs,
     ):
-        super().__init__(**kwargs)
-        if svd_method not in SVD_METHODS:
-            raise ValueError(f"option 'svd_method' must be one of {list(SVD_METHODS)}, got {svd_method!r}")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
-            raise ValueError(f"option 'rank' must be a positive integer or null, got {rank!r}")
-        resolve_workers(num_workers, torch.device("cpu"))  # validates the option
+        super().__init__(**validate_options(self, kwargs))
 
     def _device(self) -> torch.device:
         return torch.device(self.device) if self.device is not None else self.fabric.device
@@ -172,6 +169,8 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         """Merge the fine-tuned models of ``modelpool`` into one model and return it (on rank 0; other
         ranks of a multi-process Fabric run return None)."""
         modelpool = as_modelpool(modelpool, "TSV-M")
+        if self.save_path is not None:
+            self.output_path()  # refuses a save_path in use before anything is computed
         names = finetuned_model_names(modelpool, "merge")
         num_tasks = len(names)
         task_scales, final_scale = resolve_alpha(self.alpha, num_tasks)
@@ -266,9 +265,14 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
                 self.save(merged, modelpool)
         return merged
 
+    def output_path(self) -> Path:
+        """The directory ``save_path`` names (``{log_dir}`` alone: ``<log_dir>/merged_model``), refused when
+        something there was not written by this package (:func:`~.outputs.output_dir`)."""
+        return output_dir(self.save_path, self.log_dir, "merged_model", "TSV-M")
+
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
         """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
-        path = expand_log_dir(self.save_path, self.log_dir)
+        path = self.output_path()
         tokenizer = None
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()

@@ -244,7 +244,7 @@ def test_outputs_follow_the_umask(tmp_path, umask):
         models[f"t{i}"].load_state_dict(synthetic_task_state(base.state_dict(), seed=i + 1))
     TSVCompressAlgorithm(show_pbar=False, device="cpu", routed_eval=False, save_path=str(tmp_path / "tsv_c")).run(dict(models))
     TSVMergeAlgorithm(show_pbar=False, save_path=str(tmp_path / "merged")).run(BaseModelPool(dict(models)))
-    STIAnalysis(show_pbar=False, device="cpu", output_dir=str(tmp_path / "sti")).run(dict(models))
+    STIAnalysis(show_pbar=False, device="cpu", save_path=str(tmp_path / "sti")).run(dict(models))
     wrong = {k: v for out in ("tsv_c", "merged", "sti") for k, v in _wrong_modes(tmp_path / out, umask).items()}
     assert not wrong, f"umask {umask:03o}: {wrong}"
 

@@ -187,9 +187,10 @@ def test_lazy_path_builds_no_finetuned_model_and_keeps_one_layer_per_task(llm, m
 def test_save_sharded_atomic_reloads_with_tokenizer(llm, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = tmp_path / "merged"
-    target.mkdir()
-    (target / "stale.txt").write_text("an older checkpoint")
+    from fusion_bench_tsv.outputs import write_output_dir
+
+    target = tmp_path / "merged"  # an older output of this package, with a file the new one does not have
+    write_output_dir(target, lambda tmp: (tmp / "stale.txt").write_text("an older checkpoint"), "TSV-M")
     merged = TSVMergeAlgorithm(
         show_pbar=False, exclude_keys=LLM_EXCLUDE_KEYS, save_path=str(target), max_shard_size="40KB"
     ).run(pool_of(llm, lazy=True))
@@ -238,7 +239,7 @@ def test_tsv_c_and_sti_run_on_lazy_llm_pool(llm, tmp_path):
     # embeddings are kept in full per task with the LLM exclusions
     assert torch.equal(models["code"].model.embed_tokens.weight, llm["states"]["code"]["model.embed_tokens.weight"])
 
-    sti = STIAnalysis(show_pbar=False, exclude_keys=LLM_EXCLUDE_KEYS, output_dir=str(tmp_path / "sti"))
+    sti = STIAnalysis(show_pbar=False, exclude_keys=LLM_EXCLUDE_KEYS, save_path=str(tmp_path / "sti"))
     sti.run(pool)
     layers = [row["layer"] for row in sti.results["layers"]]
     assert key in layers and not any("embed_tokens" in k or "lm_head" in k for k in layers)

@@ -179,7 +179,7 @@ def test_analysis_matches_functional(tmp_path):
 
     pool = make_pool()
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in pool.items()}
-    algo = STIAnalysis(output_dir=str(tmp_path), show_pbar=False, device="cpu")
+    algo = STIAnalysis(save_path=str(tmp_path), show_pbar=False, device="cpu")
     assert algo.run(pool) is None
     results = algo.results
     assert results["tasks"] == ["task_0", "task_1", "task_2"]
@@ -274,4 +274,5 @@ def test_cli_on_tiny_clip_pool(tiny_pool, tmp_path):
         assert len(list(csv.DictReader(f))) == len(results["layers"]) > 0
     for png in ("sti_per_layer.png", "sti_pairwise.png"):
         assert (out_dir / png).stat().st_size > 1000
-    assert list(out_dir.glob("**/events.out.tfevents*")), "no TensorBoard scalars"
+    assert out_dir.name == "sti", "the default save_path is <log_dir>/sti"
+    assert list(out_dir.parent.glob("**/events.out.tfevents*")), "no TensorBoard scalars"

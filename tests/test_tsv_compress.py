@@ -278,7 +278,7 @@ def test_checkpoint_mismatch_names_the_key(vision_pool, tmp_path):
 
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not a TSV-C checkpoint"):
+    with pytest.raises(FileExistsError, match=r"option 'save_path'=.*holding files TSV-C did not write \(notes.txt\)"):
         TSVCompressAlgorithm(show_pbar=False, device="cpu", save_path=str(tmp_path / "mine"), rank=1).run(
             dict(vision_pool)
         )
