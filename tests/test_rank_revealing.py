@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from oracles import numpy_ranked_merge
+
 from fusion_bench_tsv.functional import (
     STORAGE_NOISE_FACTOR,
     compress_matrix,
@@ -40,28 +42,6 @@ def _low_rank_deltas(seed: int = 0, scale: float = 1.0) -> list[torch.Tensor]:
     return [_orth(gen, SHAPE[0], RANK) @ sigma @ _orth(gen, SHAPE[1], RANK).T for _ in range(T)]
 
 
-def _polar(a: np.ndarray) -> np.ndarray:
-    p, _, qh = np.linalg.svd(a, full_matrices=False)
-    return p @ qh
-
-
-def numpy_reference(deltas: list[torch.Tensor], ranks: list[int]) -> tuple[np.ndarray, float, float]:
-    """Float64 NumPy TSV-M keeping ``ranks[i]`` triplets of task i; also σ_min of the concatenated U, V."""
-    us, ss, vs = [], [], []
-    for d, r in zip(deltas, ranks):
-        u, s, vh = np.linalg.svd(d.double().numpy(), full_matrices=False)
-        us.append(u[:, :r]), ss.append(s[:r]), vs.append(vh[:r].T)
-    U, S, V = np.concatenate(us, 1), np.concatenate(ss), np.concatenate(vs, 1)
-    merged = _polar(U) @ np.diag(S) @ _polar(V).T
-    return merged, np.linalg.svd(U, compute_uv=False)[-1], np.linalg.svd(V, compute_uv=False)[-1]
-
-
-def _merge_tolerance(dtype: torch.dtype, su: float, sv: float) -> float:
-    # SVD backward error ≈ c·ε·σ₁ (c ≤ 2.5 measured at 64×48; 4 taken) moves each kept singular vector by
-    # ≈ c·ε·σ₁/gap (gap/σ₁ = 1/3); the polar factors amplify it by 1/σ_min(U), 1/σ_min(V); ‖M‖_F = ‖Σ‖_F.
-    return (1 / su + 1 / sv) * 4 * torch.finfo(dtype).eps * SIGMAS[0] / (SIGMAS[-1] - 0)
-
-
 def _rel(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
@@ -75,11 +55,11 @@ def _merge_all_paths(deltas_of, **options) -> dict:
 
 def test_rank_deficient_merge_is_one_matrix_across_paths():
     deltas = _low_rank_deltas()
-    ref, su, sv = numpy_reference(deltas, [RANK] * T)
+    ref = numpy_ranked_merge(deltas, [RANK] * T)
     outs = _merge_all_paths(lambda dt: [d.to(dt) for d in deltas])
     for (method, dtype), (merged, ranks) in outs.items():
         assert ranks == [RANK] * T, f"{method}/{dtype}: kept {ranks}, expected {RANK} per task"
-        err, tol = _rel(merged.double().numpy(), ref), _merge_tolerance(dtype, su, sv)
+        err, tol = _rel(merged.double().numpy(), ref.merged), ref.error_bound(dtype)
         assert tol <= 1e-5 and err <= tol, f"{method}/{dtype}: relative error {err:.3g} > bound {tol:.3g}"
 
 
@@ -111,12 +91,11 @@ def test_bf16_storage_noise_is_dropped_and_the_merge_is_one_matrix():
     rounded = deltas_of(torch.float64)  # differences of bf16 values: exact in float64
     noise_sigma = [float(torch.linalg.svdvals(d)[RANK]) for d in rounded]
     assert max(noise_sigma) < floor < 0.1 * min(SIGMAS), f"noise σ {max(noise_sigma):.3g}, floor {floor:.3g}"
-    ref, su, sv = numpy_reference(rounded, [RANK] * T)
+    ref = numpy_ranked_merge(rounded, [RANK] * T)
     outs = _merge_all_paths(deltas_of, storage_dtype=torch.bfloat16, weight_rms=weight_rms)
     for (method, dtype), (merged, ranks) in outs.items():
         assert ranks == [RANK] * T, f"{method}/{dtype}: kept {ranks}, expected {RANK} per task"
-        # the kept σ are 0.1·SIGMAS ± noise: the gaps and the bound scale with them
-        err, tol = _rel(merged.double().numpy(), ref), _merge_tolerance(dtype, su, sv)
+        err, tol = _rel(merged.double().numpy(), ref.merged), ref.error_bound(dtype)
         assert tol <= 1e-5 and err <= tol, f"{method}/{dtype}: relative error {err:.3g} > bound {tol:.3g}"
 
 
