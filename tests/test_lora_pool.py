@@ -106,3 +106,27 @@ def test_merged_lora_models_are_base_plus_low_rank(tiny_lora_suite, monkeypatch)
     legacy = tsv_merge_matrix(q_deltas, method="svd", rank_revealing=False)
     spread = float(np.linalg.norm(legacy.double().numpy() - ref.merged) / np.linalg.norm(ref.merged))
     assert spread > math.sqrt(EPS32), f"null-space vectors did not change the merge ({spread:.3g}): not rank-deficient?"
+
+
+def test_build_lora_pool_on_a_tiny_suite(tmp_path):
+    """The builder on a stand-in for a built benchmark (tiny sizes): adapters, report, reuse, missing suite."""
+    import dataclasses
+    import json
+
+    from fusion_bench_tsv.benchmark.build import BuildSettings
+    from fusion_bench_tsv.benchmark.lora import build_lora_pool
+
+    with pytest.raises(FileNotFoundError, match="fusion-bench-tsv-build"):
+        build_lora_pool(2, tmp_path, SETTINGS, show_pbar=False)
+    suite = tmp_path / "tiny_clip"
+    save_clip(make_tiny_clip(seed=0), suite / "pretrained")
+    built = BuildSettings(train_size=16, val_size=4, test_size=8)
+    (suite / "build.json").write_text(json.dumps({"settings": dataclasses.asdict(built), "tasks": {}}))
+    out = build_lora_pool(2, tmp_path, SETTINGS, show_pbar=False)
+    report = json.loads((out / "build.json").read_text())
+    names = [t.name for t in TASKS[:2]]
+    assert list(report["tasks"]) == names and report["settings"]["rank"] == SETTINGS.rank
+    assert all(0 <= v <= 1 for t in names for v in report["tasks"][t].values()), report
+    stamp = {t: (out / t / "adapter_model.safetensors").stat().st_mtime_ns for t in names}
+    build_lora_pool(2, tmp_path, SETTINGS, show_pbar=False)  # same settings: nothing is retrained
+    assert stamp == {t: (out / t / "adapter_model.safetensors").stat().st_mtime_ns for t in names}

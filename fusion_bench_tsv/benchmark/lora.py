@@ -183,13 +183,16 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-tasks", type=int, default=8)
     parser.add_argument("--root", default=None, help="benchmark root (default: as fusion-bench-tsv-build)")
-    for field in dataclasses.fields(LoraSettings):
-        if field.name != "target_modules":
-            parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+    fields = [f for f in dataclasses.fields(LoraSettings) if f.name != "target_modules"]
+    for field in fields:
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default,
+                            help=f"LoRA {field.name} (default {field.default})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
-    settings = LoraSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(LoraSettings) if f.name != "target_modules"})
-    print(build_lora_pool(args.num_tasks, args.root, settings))
+    try:
+        print(build_lora_pool(args.num_tasks, args.root, LoraSettings(**{f.name: getattr(args, f.name) for f in fields})))
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
 
 
 if __name__ == "__main__":
