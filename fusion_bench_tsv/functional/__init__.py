@@ -24,6 +24,7 @@ from .interference import (
     truncate_factors,
 )
 from .merge import tsv_merge_factors, tsv_merge_matrix
+from .rank import STORAGE_NOISE_FACTOR, numerical_rank, rank_threshold, roundoff_floor, storage_noise_floor
 from .svd import (
     GRAM_COND_LIMIT,
     SVD_METHODS,
@@ -52,12 +53,17 @@ __all__ = [
     "inv_sqrt_gram",
     "layer_rank",
     "mean_pairwise_cosine",
+    "numerical_rank",
     "orthogonalize",
     "pairwise_singular_task_interference",
     "pairwise_sti_from_factors",
+    "rank_threshold",
     "reconstruct",
+    "roundoff_floor",
     "singular_task_interference",
     "sti_from_factors",
+    "STORAGE_NOISE_FACTOR",
+    "storage_noise_floor",
     "SVD_METHODS",
     "task_cosine_similarity",
     "task_factors",

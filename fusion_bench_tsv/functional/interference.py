@@ -11,9 +11,9 @@ of the ``Tk × Tk`` matrix). It is 0 when the singular vectors of different task
 orthogonal, and TSV-M drives it to (numerically) 0 by replacing U and V with their nearest
 orthonormal matrices whenever ``Tk <= min(m, n)``.
 
-If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors (σ = 0) are an
-arbitrary basis of the null space and still enter :math:`U^\top U - I` against the other tasks,
-so STI then depends on that arbitrary choice (and e.g. on the SVD backend).
+If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors (σ ≈ 0) are an
+arbitrary basis of the null space. Their σ ≈ 0 keeps them out of the product itself, but they enter
+the orthogonalization of the decorrelated STI (as of TSV-M); the factors of :func:`task_factors` are rank-revealing by default, which drops them (:mod:`.rank`).
 
 Pure torch: no models, no I/O.
 """
@@ -45,11 +45,19 @@ def _check_tasks(num_tasks: int, what: str) -> None:
         raise ValueError(f"{what} needs at least 2 tasks to measure interference, got {num_tasks}")
 
 
-def task_factors(deltas: Sequence[Tensor], k: Optional[int] = None) -> list[SVDFactors]:
+def task_factors(
+    deltas: Sequence[Tensor],
+    k: Optional[int] = None,
+    *,
+    rank_revealing: bool = True,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
+) -> list[SVDFactors]:
     """Validate per-task matrices and return their top-``k`` factors in the compute dtype.
 
     ``k=None`` is :func:`default_rank` (``floor(min(m, n) / T)``, at least 1); ``k = min(m, n)``
-    is the full rank. Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes or an
+    is the full rank. With ``rank_revealing`` (default) a task keeps at most its numerical rank
+    (:func:`truncated_svd`). Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes or an
     out-of-range ``k``.
     """
     _check_tasks(len(deltas), "STI")
@@ -62,13 +70,17 @@ def task_factors(deltas: Sequence[Tensor], k: Optional[int] = None) -> list[SVDF
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r:
         raise ValueError(f"k={k!r} is out of range for {tuple(shape)} task matrices: need 1 <= k <= rank {r}")
     work = compute_dtype(deltas[0].dtype)
-    return [truncated_svd(d.to(work), k) for d in deltas]
+    return [
+        truncated_svd(d.to(work), k, rank_revealing=rank_revealing, storage_dtype=storage_dtype, weight_rms=weight_rms)
+        for d in deltas
+    ]
 
 
 def truncate_factors(factors: SVDFactors, k: int) -> SVDFactors:
-    """The top-``k`` triplets of factors already sorted by decreasing singular value."""
-    if not 1 <= k <= factors.S.numel():
-        raise ValueError(f"k={k} is out of range for factors of rank {factors.S.numel()}")
+    """The top-``k`` triplets of factors already sorted by decreasing singular value; all of them
+    when there are fewer than ``k`` (factors that rank revealing cut at the numerical rank)."""
+    if k < 1:
+        raise ValueError(f"k={k} is out of range for factors: need k >= 1")
     return SVDFactors(factors.U[:, :k], factors.S[:k], factors.Vh[:k, :])
 
 

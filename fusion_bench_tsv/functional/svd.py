@@ -7,12 +7,13 @@ no I/O; they run on whatever device and dtype the input has.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import lapack
+from .rank import numerical_rank, rank_threshold
 
 __all__ = [
     "SVDFactors",
@@ -67,7 +68,16 @@ def _check_matrix(delta: Tensor, name: str = "delta") -> None:
 
 
 def truncated_svd(
-    delta: Tensor, k: int, method: str = "svd", *, oversample: int = 10, niter: int = 4, seed: int = 0
+    delta: Tensor,
+    k: int,
+    method: str = "svd",
+    *,
+    oversample: int = 10,
+    niter: int = 4,
+    seed: int = 0,
+    rank_revealing: bool = False,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
 ) -> SVDFactors:
     r"""Top-``k`` singular triplets of a matrix: :math:`\Delta \approx U_k \Sigma_k V_k^\top`.
 
@@ -85,9 +95,17 @@ def truncated_svd(
             harmless; it falls back to ``"svd"`` when a kept :math:`\sigma` is below round-off).
             ``"randomized"``: Halko–Martinsson–Tropp randomized range finder with ``oversample``
             extra columns and ``niter`` power iterations (approximate, ``seed`` fixes it).
+        rank_revealing: keep only the triplets whose σ is above the numerical-rank threshold
+            (:func:`~.rank.numerical_rank`): :math:`k_i = \max(1, \min(k, \mathrm{rank}_\tau(\Delta)))`, so
+            a rank-deficient update (LoRA) returns no arbitrary null-space vectors; a zero update keeps
+            one triplet with σ = 0. Triplets above the threshold are returned exactly as without it.
+            Off here (this is the plain top-k); the TSV functions built on it turn it on by default.
+        storage_dtype, weight_rms: the dtype the checkpoints were stored in and the RMS of their
+            weights (both or neither): adds the rounding-noise floor of the storage dtype to the threshold.
 
     Returns:
-        ``SVDFactors(U, S, Vh)`` with shapes ``(m, k)``, ``(k,)``, ``(k, n)``.
+        ``SVDFactors(U, S, Vh)`` with shapes ``(m, kᵢ)``, ``(kᵢ,)``, ``(kᵢ, n)``; ``kᵢ = k`` unless
+        rank revealing dropped triplets (``k - S.numel()`` of them).
     """
     _check_matrix(delta)
     r = min(delta.shape)
@@ -96,31 +114,58 @@ def truncated_svd(
     if method not in SVD_METHODS:
         raise ValueError(f"unknown truncated_svd method {method!r}; expected one of {SVD_METHODS}")
     work = delta.to(compute_dtype(delta.dtype))
+    kept = _rank_rule(delta.shape, work.dtype, rank_revealing, storage_dtype, weight_rms)
     out = None
     if method == "gram":
-        out = _top_k_gram(work, k)
+        out = _top_k_gram(work, k, kept)
     elif method == "randomized":
         out = _top_k_randomized(work, k, oversample, niter, seed)
     if out is None:
         U, S, Vh = torch.linalg.svd(work, full_matrices=False)
         out = U[:, :k], S[:k], Vh[:k, :]
     U, S, Vh = out
+    k_i = kept(S) if kept is not None else k
+    if k_i < S.numel():
+        U, S, Vh = U[:, :k_i], S[:k_i], Vh[:k_i, :]
     if U.dtype != delta.dtype:
         U, S, Vh = U.to(delta.dtype), S.to(delta.dtype), Vh.to(delta.dtype)
     return SVDFactors(U, S, Vh)
 
 
-def _top_k_gram(a: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+def _rank_rule(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    rank_revealing: bool,
+    storage_dtype: Optional[torch.dtype],
+    weight_rms: Optional[float],
+) -> Optional[Callable[[Tensor], int]]:
+    """``σ ↦ kᵢ = max(1, min(len(σ), numerical rank))`` for descending top singular values, or None
+    (keep all) without rank revealing. Checks the threshold options at once."""
+    if not rank_revealing:
+        if storage_dtype is not None or weight_rms is not None:
+            raise ValueError("options 'storage_dtype' and 'weight_rms' set the rank threshold: they need rank_revealing=True")
+        return None
+    rank_threshold(0.0, shape, dtype, storage_dtype=storage_dtype, weight_rms=weight_rms)
+    return lambda s: max(1, min(s.numel(), numerical_rank(s, shape, dtype, storage_dtype=storage_dtype, weight_rms=weight_rms)))
+
+
+def _top_k_gram(
+    a: Tensor, k: int, kept: Optional[Callable[[Tensor], int]] = None
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     r"""Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64.
 
-    Returns None (the caller uses the SVD) when a kept singular value is too small for
-    :math:`U = \Delta V \Sigma^{-1}` to be accurate (rank-deficient or zero matrices).
+    ``kept(σ)``, if given, says how many of the top-k to keep (rank revealing). Returns None (the caller
+    uses the SVD) when a kept singular value is too small for :math:`U = \Delta V \Sigma^{-1}` to be
+    accurate (rank-deficient or zero matrices without rank revealing, float64 input with it).
     """
     m, n = a.shape
     wide = m < n
     x = (a.T if wide else a).to(torch.float64)  # tall: rows >= columns
     w, q = eigh_top(gram(x), k)
     s = w.clamp_min(0).sqrt()
+    if kept is not None:
+        r = kept(s)
+        s, q = s[:r], q[:, :r]
     # U = X V / σ loses accuracy like eps·σ_max/σ; demand σ_k >= 1e-6 σ_1 (float64 keeps ~1e-10)
     if s[0] <= 0 or s[-1] < 1e-6 * s[0]:
         return None
