@@ -29,18 +29,28 @@ def roundoff_bound(dtype: torch.dtype, n: int, scale: float, c: float = C_ROUNDO
     return c * math.sqrt(n) * eps(dtype) * scale
 
 
+def _float64(a) -> torch.Tensor:
+    return (a if isinstance(a, torch.Tensor) else torch.as_tensor(np.asarray(a))).detach().double()
+
+
 def max_error(got, expected) -> float:
     """max |got − expected|, evaluated in float64."""
-    got = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got).double()
-    expected = torch.as_tensor(np.asarray(expected) if not isinstance(expected, torch.Tensor) else expected).double()
+    got, expected = _float64(got), _float64(expected)
     assert got.shape == expected.shape, f"shape {tuple(got.shape)} != expected {tuple(expected.shape)}"
     return (got - expected).abs().max().item() if got.numel() else 0.0
 
 
-def assert_within(got, expected, bound: float, what: str = "") -> float:
-    """Assert max |got − expected| <= bound (NaN fails); the message shows the measured error and the bound."""
+def assert_within(got, expected, bound, what: str = "") -> float:
+    """Assert |got − expected| <= bound (a number, or a tensor of entrywise bounds; NaN fails); the message
+    shows the measured error and the bound where the bound is exceeded most. Returns max |got − expected|."""
     err = max_error(got, expected)
-    assert err <= bound, f"{what}: max |error| = {err:.3e} exceeds the bound {bound:.3e}"
+    diff = (_float64(got) - _float64(expected)).abs()
+    excess = torch.nan_to_num(diff - _float64(bound), nan=float("inf"))
+    if excess.numel() and excess.max().item() > 0:
+        i = int(excess.flatten().argmax())
+        at_bound = _float64(bound).expand_as(diff).flatten()[i].item()
+        raise AssertionError(f"{what}: |error| = {diff.flatten()[i].item():.3e} exceeds the bound {at_bound:.3e}"
+                             f" (entry {i}; max |error| {err:.3e})")
     return err
 
 
@@ -166,3 +176,18 @@ def assert_state_within(got: dict, expected: dict, bounds: dict, what: str = "",
     """:func:`assert_within` for every parameter (or ``keys``); returns the measured errors."""
     assert keys is not None or set(got) == set(expected), f"{what}: keys {set(got) ^ set(expected)} differ"
     return {key: assert_within(got[key], expected[key], bounds[key], f"{what} {key}") for key in keys or expected}
+
+
+def assert_merge_matrix(got: torch.Tensor, deltas: Sequence, k: int, dtype: torch.dtype, gram: bool = False,
+                        what: str = "TSV-M") -> float:
+    """``got`` (computed in ``dtype``, returned in ``got.dtype``) against :func:`oracle_tsv_merge`, within
+    :func:`merge_bound` plus, entry by entry, the rounding of the result to its dtype (ε/2·|Mᵢⱼ|).
+
+    The bound must be below max|M|/T, the share of one task: else a merge that drops a task could pass."""
+    expected = oracle_tsv_merge(deltas, k)
+    size = expected.abs().max().item()
+    computed = merge_bound(deltas, k, dtype, gram)
+    bound = computed + eps(got.dtype) / 2 * expected.abs()
+    assert computed + eps(got.dtype) / 2 * size < size / len(deltas), (
+        f"{what}: the bound {computed:.3e} + rounding cannot tell one task's share {size / len(deltas):.3e}")
+    return assert_within(got, expected, bound, what)
