@@ -409,16 +409,23 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     models = [e["model"] for e in report["evaluations"]]
     assert sorted(models) == ["finetuned:shade_a", "finetuned:shade_b", "tsv_c:shade_a", "tsv_c:shade_b"]
     # FusionBench's task pool writes one report per evaluate() call: 4 calls, each on one task only
-    pool_reports = [json.loads(p.read_text()) for p in sorted(log_dir.glob("report*.json"))]
-    assert len(pool_reports) == 4
+    # in call order: report.json, report_1.json, ... (the task pool numbers each new file)
+    pool_reports = [json.loads((log_dir / f"report{'_%d' % i if i else ''}.json").read_text()) for i in range(4)]
+    assert not (log_dir / "report_4.json").exists()
     assert sorted(next(k for k in r if k not in ("model_info", "average")) for r in pool_reports) == [
         "shade_a", "shade_a", "shade_b", "shade_b"
     ]
     assert all(len([k for k in r if k not in ("model_info", "average")]) == 1 for r in pool_reports)
+    # normalized accuracy from the task pool's own report files (one per evaluate() call, in call order),
+    # not from the method's report: acc / ft, undefined (None) where the fine-tuned accuracy is 0
+    assert models == ["tsv_c:shade_a", "finetuned:shade_a", "tsv_c:shade_b", "finetuned:shade_b"]
+    pool_accuracy = {m: r[m.split(":")[1]]["accuracy"] for m, r in zip(models, pool_reports)}
     for t in ("shade_a", "shade_b"):
-        e = report["tasks"][t]
-        if e["finetuned_accuracy"]:
-            assert e["normalized_accuracy"] == pytest.approx(e["accuracy"] / e["finetuned_accuracy"])
+        e, acc, ft = report["tasks"][t], pool_accuracy[f"tsv_c:{t}"], pool_accuracy[f"finetuned:{t}"]
+        assert (e["accuracy"], e["finetuned_accuracy"]) == (acc, ft)  # copied from the task pool: exact
+        # one division in float64: exact to half an ulp, far inside pytest.approx's relative 1e-6
+        assert e["normalized_accuracy"] == (pytest.approx(acc / ft) if ft > 0 else None), (t, acc, ft)
+    assert any(pool_accuracy[f"finetuned:{t}"] > 0 for t in ("shade_a", "shade_b")), pool_accuracy
     manifest = read_manifest(log_dir / "tsv_c")
     assert [t["name"] for t in manifest["tasks"]] == tiny_pool["tasks"]
     assert manifest["storage"] == report["storage"]
