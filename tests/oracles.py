@@ -122,11 +122,13 @@ def oracle_rank_k(delta, k: int) -> tuple[np.ndarray, np.ndarray]:
     return (U[:, :k] * S[:k]) @ Vh[:k, :], S
 
 
-def rank_k_bound(delta, k: int, dtype: torch.dtype, c: float = C_ROUNDOFF) -> float:
+def rank_k_bound(delta, k: int, dtype: torch.dtype, gram: bool = False, c: float = C_ROUNDOFF) -> float:
     """Bound on max |rank-k reconstruction computed in ``dtype`` − the float64 one|: c·√n·ε·σ₁·max(1, σ_k/(σ_k − σ_{k+1}))
-    (the SVD's backward error, amplified at the cut by Wedin's gap; no cut when k = rank)."""
+    (the SVD's backward error, amplified at the cut by Wedin's gap; no cut when k = rank), times σ₁/σ_k for
+    factors from the Gram matrix (``gram``, as in :func:`merge_sensitivity`)."""
     _, s = oracle_rank_k(delta, k)
     amplification = max(1.0, s[k - 1] / (s[k - 1] - s[k])) if k < len(s) else 1.0
+    amplification *= s[0] / s[k - 1] if gram else 1.0
     return roundoff_bound(dtype, max(delta.shape), float(s[0]) * amplification, c)
 
 
@@ -138,6 +140,12 @@ def oracle_sti(deltas: Sequence, k: int, *, decorrelate: bool = False) -> tuple[
         U, V = polar(U), polar(V)
     eye = np.eye(U.shape[1])
     return float(np.abs((U.T @ U - eye) @ np.diag(S) @ (V.T @ V - eye)).sum()), float(np.abs(S).sum())
+
+
+def mean_of_updates(states: Sequence[dict], base: dict, key: str) -> torch.Tensor:
+    """θ₀ + the mean of the task updates of one parameter, in float64."""
+    theta0 = base[key].double()
+    return theta0 + sum(s[key].double() - theta0 for s in states) / len(states)
 
 
 def oracle_merge_state(base: dict, states: Sequence[dict], dtype: torch.dtype, *, gram: bool = False,
@@ -159,7 +167,7 @@ def oracle_merge_state(base: dict, states: Sequence[dict], dtype: torch.dtype, *
         if not torch.is_floating_point(theta0):
             expected[key], bounds[key] = theta0, 0.0
             continue
-        deltas = [a * (s[key].double() - theta0.double()) for a, s in zip(scales, states)]
+        deltas = [a * (s[key].double() - theta0.double()) for a, s in zip(scales, states)]  # exact in float64
         if theta0.dim() == 2 and not any(fnmatchcase(key, p) for p in exclude):
             k = rank or max(1, min(theta0.shape) // T)
             update, bound = oracle_tsv_merge(deltas, k), merge_bound(deltas, k, dtype, gram, truncation)
