@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from oracles import assert_merge_matrix, assert_within, eps, inv_sqrt_psd, roundoff_bound
+from oracles import assert_merge_matrix, assert_within, inv_sqrt_psd, roundoff_bound
 
 from fusion_bench_tsv.functional import (
     concat_factors,
