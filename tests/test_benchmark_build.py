@@ -6,8 +6,10 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO_ROOT, run_fusion_bench
+from oracles import assert_within, roundoff_bound
 
 MINI = dict(pretrain_steps=20, pretrain_batch=32, finetune_steps=15, finetune_batch=16,
             train_size=48, val_size=12, test_size=24)
@@ -47,7 +49,8 @@ def test_pixel_values_match_clip_image_processor():
 
     images, _ = make_split(TASKS[2], 4, 32, seed=0)
     ref = clip_processor(32)(images=[Image.fromarray(x) for x in images], return_tensors="pt")["pixel_values"]
-    np.testing.assert_allclose(to_pixel_values(images).numpy(), ref.numpy(), atol=1e-5)
+    # (x/255 − mean)/std: a few float32 roundings of values of size max|ref| on either side
+    assert_within(to_pixel_values(images), ref, roundoff_bound(torch.float32, 1, ref.abs().max().item()), "pixels")
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,10 @@ def test_openclip_export_matches_hf_tower():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = clip.visual_projection(vision(pixel_values=x).pooler_output)
-        torch.testing.assert_close(encoder(x), ref, atol=1e-5, rtol=1e-5)
+        got = encoder(x)
+    # the same float32 forward pass with other op orders: each of the 2 layers' length-64 inner products and
+    # the projection adds c·√64·ε₃₂ relative to the activations; LayerNorm keeps them O(1), so × (2 + 1) layers
+    assert_within(got, ref, 3 * roundoff_bound(torch.float32, 64, ref.abs().max().item()), "open_clip export")
 
 
 def test_build_help_explains_every_setting(capsys):

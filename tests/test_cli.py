@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, run_fusion_bench
+from oracles import assert_state_within, oracle_merge_state
 
 pytestmark = pytest.mark.cli
 
@@ -89,6 +90,7 @@ def test_end_to_end_offline_run_reports_accuracy_per_task(tiny_pool, tmp_path):
             f"modelpool=CLIPVisionModelPool/{tiny_pool['name']}",
             f"taskpool=CLIPVisionModelTaskPool/{tiny_pool['name']}",
             "fabric.accelerator=cpu",
+            f"method.save_path={tmp_path / 'merged'}",
         ],
         cwd=tmp_path,
     )
@@ -101,6 +103,29 @@ def test_end_to_end_offline_run_reports_accuracy_per_task(tiny_pool, tmp_path):
     report = json.loads(reports[0].read_text())
     for task in ["shade_a", "shade_b"]:
         assert 0.0 <= report[task]["accuracy"] <= 1.0
+    # the mean of two floats: one rounding, far inside pytest.approx's relative 1e-6
     assert report["average"]["accuracy"] == pytest.approx(
         (report["shade_a"]["accuracy"] + report["shade_b"]["accuracy"]) / 2
     )
+    check_saved_merge(tiny_pool, tmp_path / "merged")
+
+
+def check_saved_merge(tiny_pool, saved) -> None:
+    """The CLI's merged weights against the float64 oracle of the same pool (the default svd_method is
+    float64 throughout) and against an in-process run of the same algorithm, each within its derived bound."""
+    import torch
+    from fusion_bench.modelpool import CLIPVisionModelPool
+    from transformers import CLIPVisionModel
+
+    from fusion_bench_tsv import TSVMergeAlgorithm
+
+    load = lambda path: CLIPVisionModel.from_pretrained(path).state_dict()  # noqa: E731
+    base = load(tiny_pool["pretrained"])
+    states = [load(tiny_pool["paths"][t]) for t in tiny_pool["tasks"]]
+    cli = load(saved)
+    expected, bounds = oracle_merge_state(base, states, torch.float64, gram=True, exclude=["*text_projection*"])
+    assert_state_within(cli, expected, bounds, "CLI vs float64 oracle")
+    models = {"_pretrained_": str(tiny_pool["pretrained"]), **{t: str(p) for t, p in tiny_pool["paths"].items()}}
+    pool = CLIPVisionModelPool(models=models, processor=str(tiny_pool["pretrained"]))
+    here = TSVMergeAlgorithm(show_pbar=False).run(pool).state_dict()
+    assert_state_within(cli, here, {k: 2 * b for k, b in bounds.items()}, "CLI vs in-process run")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -19,25 +21,23 @@ from fusion_bench_tsv.functional import (
 )
 
 from conftest import run_fusion_bench
+from oracles import assert_within, eps, oracle_sti, roundoff_bound, task_triplets
 
 
-def oracle_sti(deltas, k, *, decorrelate=False):
-    """The paper's formula written out in float64: explicit block-diagonal Σ and identity."""
-    Us, Ss, Vs = [], [], []
-    for d in deltas:
-        U, S, Vh = torch.linalg.svd(d.double(), full_matrices=False)
-        Us.append(U[:, :k])
-        Ss.append(torch.diag(S[:k]))
-        Vs.append(Vh[:k].T)
-    U, V, Sigma = torch.cat(Us, dim=1), torch.cat(Vs, dim=1), torch.block_diag(*Ss)
-    if decorrelate:  # whitening U (UᵀU)^(-1/2), the closed form of the polar factor
-        def whiten(A):
-            w, Q = torch.linalg.eigh(A.T @ A)
-            return A @ Q @ torch.diag(w.rsqrt()) @ Q.T
+def sti_bound(deltas, k, dtype) -> float:
+    """Bound on |STI computed in ``dtype`` − the float64 oracle|: the entries of UᵀU − I err by c·√m·ε·κ
+    (κ = 1 + σ₁/gap, the singular vectors' sensitivity at the cut), weighted by Σ and by |VᵀV − I| ≤ Tk:
+    c·√n·ε·κ·‖Σ‖₁·(Tk + 1) in all."""
+    U, S, V, spectra = task_triplets(deltas, k)
+    kappa = 1 + max(s[0] / (s[k - 1] - s[k]) if k < len(s) and s[k - 1] > s[k] else 0.0 for s in spectra)
+    return roundoff_bound(dtype, max(deltas[0].shape), kappa * float(np.abs(S).sum()) * (U.shape[1] + 1))
 
-        U, V = whiten(U), whiten(V)
-    eye = torch.eye(U.shape[1], dtype=torch.float64)
-    return ((U.T @ U - eye) @ Sigma @ (V.T @ V - eye)).abs().sum(), Sigma.abs().sum()
+
+def decorrelated_sti_bound(m: int, n: int, tk: int, dtype) -> float:
+    """Bound on the normalized STI after decorrelation (exactly 0 when Tk <= min(m, n)): U⊥ = PQᵀ from an SVD
+    is orthonormal to round-off whatever U's conditioning, so every entry of U⊥ᵀU⊥ − I is at most c·√m·ε
+    (of V⊥ᵀV⊥ − I: c·√n·ε), and ‖AΣB‖₁ <= ‖Σ‖₁·max column sum of |A|·max row sum of |B|."""
+    return tk**2 * roundoff_bound(dtype, m, 1.0) * roundoff_bound(dtype, n, 1.0)
 
 
 def low_rank_tasks(T=3, m=12, n=9, rank=5, seed=0, dtype=torch.float64):
@@ -54,15 +54,15 @@ def test_matches_float64_formula(k, rank):
     deltas = low_rank_tasks(rank=rank)
     kk = 9 // 3 if k is None else k
     expected, sigma_l1 = oracle_sti(deltas, kk)
-    assert expected > 1.0  # random tasks do interfere: the test can fail
-    torch.testing.assert_close(singular_task_interference(deltas, k), expected, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(
-        singular_task_interference(deltas, k, normalized=True), expected / sigma_l1, rtol=1e-10, atol=1e-12
-    )
+    bound64 = sti_bound(deltas, kk, torch.float64)
+    assert expected > 1e3 * bound64  # random tasks do interfere: the test can fail
+    assert_within(singular_task_interference(deltas, k), expected, bound64, "STI")
+    assert_within(singular_task_interference(deltas, k, normalized=True), expected / sigma_l1, bound64 / sigma_l1,
+                  "normalized STI")
     # float32 input: computed in float32, close to the float64 value
     got32 = singular_task_interference([d.float() for d in deltas], k)
     assert got32.dtype == torch.float32
-    torch.testing.assert_close(got32.double(), expected, rtol=1e-4, atol=1e-4)
+    assert_within(got32, expected, sti_bound(deltas, kk, torch.float32), "float32 STI")
 
 
 def test_zero_for_mutually_orthogonal_tasks():
@@ -76,11 +76,12 @@ def test_zero_for_mutually_orthogonal_tasks():
         s = torch.rand(r, generator=g, dtype=torch.float64) + 0.5
         deltas.append(P[:, cols] @ torch.diag(s) @ Q[:, cols].T)
     for k in (1, 2, 4):
-        assert singular_task_interference(deltas, k) < 1e-12
-        assert pairwise_singular_task_interference(deltas, k).abs().max() < 1e-12
+        bound = sti_bound(deltas, k, torch.float64)  # the exact value is 0
+        assert_within(singular_task_interference(deltas, k), 0.0, bound, f"STI k={k}")
+        assert_within(pairwise_singular_task_interference(deltas, k), torch.zeros(T, T), bound, f"pairwise k={k}")
     # sharing one left singular vector makes them interfere
     deltas[1] = deltas[1] + 2.0 * P[:, :1] @ Q[:, -1:].T
-    assert singular_task_interference(deltas, 4) > 0.1
+    assert singular_task_interference(deltas, 4) > 1e3 * sti_bound(deltas, 4, torch.float64)
 
 
 def test_invariant_to_task_order():
@@ -88,25 +89,28 @@ def test_invariant_to_task_order():
     perm = [2, 0, 3, 1]
     permuted = [deltas[i] for i in perm]
     for k in (None, 3, 10):
-        torch.testing.assert_close(singular_task_interference(permuted, k), singular_task_interference(deltas, k))
+        bound = 2 * sti_bound(deltas, k or 14 // 4, torch.float64)  # two float64 evaluations of the same value
+        assert_within(singular_task_interference(permuted, k), singular_task_interference(deltas, k), bound, "order")
         pair = pairwise_singular_task_interference(deltas, k)
-        torch.testing.assert_close(pairwise_singular_task_interference(permuted, k), pair[perm][:, perm])
+        assert_within(pairwise_singular_task_interference(permuted, k), pair[perm][:, perm], bound, "pairwise order")
 
 
 def test_decorrelation_removes_interference():
     deltas = low_rank_tasks(T=3, m=12, n=9, rank=5, seed=3)
     before = singular_task_interference(deltas, 3)
     after = singular_task_interference(deltas, 3, decorrelate=True)
-    assert before > 1.0
-    assert after < 1e-10 * before
+    _, sigma_l1 = oracle_sti(deltas, 3)
+    bound64 = sigma_l1 * decorrelated_sti_bound(12, 9, 9, torch.float64)  # the exact value is 0
+    assert before > 1e3 * bound64
+    assert_within(after, 0.0, bound64, "decorrelated STI")
     oracle_after, _ = oracle_sti(deltas, 3, decorrelate=True)
-    assert oracle_after < 1e-8 * before
+    assert_within(oracle_after, 0.0, bound64, "oracle's decorrelated STI")
     after32 = singular_task_interference([d.float() for d in deltas], 3, decorrelate=True, normalized=True)
-    assert after32 < 1e-5
+    assert_within(after32, 0.0, decorrelated_sti_bound(12, 9, 9, torch.float32), "float32 decorrelated STI")
     pair = pairwise_singular_task_interference(deltas, 3, decorrelate=True)
-    assert pair.abs().max() < 1e-10 * before
+    assert_within(pair, torch.zeros(3, 3), bound64, "decorrelated pairwise STI")
     # when T·k > min(m, n) the columns cannot all be orthonormal: interference remains
-    assert singular_task_interference(deltas, 9, decorrelate=True) > 1e-3
+    assert singular_task_interference(deltas, 9, decorrelate=True) > 1e3 * sti_bound(deltas, 9, torch.float64)
 
 
 def test_pairwise_symmetric_and_equal_to_two_task_sti():
@@ -114,14 +118,15 @@ def test_pairwise_symmetric_and_equal_to_two_task_sti():
     k = 2
     pair = pairwise_singular_task_interference(deltas, k)
     pair_norm = pairwise_singular_task_interference(deltas, k, normalized=True)
-    torch.testing.assert_close(pair, pair.T)
+    assert_within(pair, pair.T, 2 * sti_bound(deltas, k, torch.float64), "symmetry")
     assert torch.all(pair.diagonal() == 0)
     for i in range(4):
         for j in range(4):
             if i != j:
                 expected, sigma_l1 = oracle_sti([deltas[i], deltas[j]], k)
-                torch.testing.assert_close(pair[i, j], expected)
-                torch.testing.assert_close(pair_norm[i, j], expected / sigma_l1)
+                bound = sti_bound([deltas[i], deltas[j]], k, torch.float64)
+                assert_within(pair[i, j], expected, bound, f"pair {i},{j}")
+                assert_within(pair_norm[i, j], expected / sigma_l1, bound / sigma_l1, f"normalized pair {i},{j}")
     assert pair[0, 1] != pair[0, 2]
 
 
@@ -131,14 +136,16 @@ def test_cosine_similarity_from_factors():
     flat = torch.stack([d.flatten() for d in deltas])
     expected = torch.nn.functional.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
     got = task_cosine_similarity(task_factors(deltas, 9))
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(task_cosine_similarity(deltas), expected)
-    torch.testing.assert_close(mean_pairwise_cosine(got), expected[[0, 0, 1], [1, 2, 2]].mean())
+    # cosines of length-108 vectors in float64: c·√108·ε₆₄ (the factors reproduce Δ to the same order)
+    bound = roundoff_bound(torch.float64, 12 * 9, 1.0)
+    assert_within(got, expected, bound, "cosine from factors")
+    assert_within(task_cosine_similarity(deltas), expected, bound, "cosine")
+    assert_within(mean_pairwise_cosine(got), expected[[0, 0, 1], [1, 2, 2]].mean(), bound, "mean cosine")
     # rank k: the cosine of the rank-k reconstructions
     factors = task_factors(deltas, 2)
     recon = torch.stack([((f.U * f.S) @ f.Vh).flatten() for f in factors])
     expected_k = torch.nn.functional.cosine_similarity(recon[:, None], recon[None, :], dim=-1)
-    torch.testing.assert_close(task_cosine_similarity(factors), expected_k)
+    assert_within(task_cosine_similarity(factors), expected_k, bound, "rank-k cosine")
 
 
 def test_bad_input_errors():
@@ -174,6 +181,32 @@ def make_pool(T=3, seed=0):
     return pool
 
 
+#: each total of sti.json and the per-layer column it reduces
+TOTALS = {"sti_full_sum": ("sti_full", "sum"), "sti_sum": ("sti", "sum"), "sti_decorrelated_sum": ("sti_decorrelated", "sum"),
+          "sti_full_normalized_mean": ("sti_full_normalized", "mean"), "sti_normalized_mean": ("sti_normalized", "mean"),
+          "sti_decorrelated_normalized_mean": ("sti_decorrelated_normalized", "mean"), "cosine_mean": ("cosine_mean", "mean")}
+
+
+def check_totals(results: dict) -> None:
+    """Every total recomputed from the per-layer rows (math.fsum, exact to one rounding); float64 sums of L
+    terms err by at most L·ε₆₄·Σ|v|."""
+    rows = results["layers"]
+    for total, (column, how) in TOTALS.items():
+        values = [r[column] for r in rows if r[column] is not None]
+        if not values:
+            assert total not in results["totals"], total
+            continue
+        expected = math.fsum(values) / (len(values) if how == "mean" else 1)
+        bound = len(values) * eps(torch.float64) * math.fsum(abs(v) for v in values)
+        assert_within(results["totals"][total], expected, bound, f"total {total} = {how} of {column}")
+
+
+def layer_deltas(pool: dict, key: str, num_tasks: int) -> list:
+    """The task updates of one layer, subtracted in float32 as the analysis does, as float64."""
+    base = pool["_pretrained_"].state_dict()[key]
+    return [(pool[f"task_{i}"].state_dict()[key] - base).double() for i in range(num_tasks)]
+
+
 def test_analysis_matches_functional(tmp_path):
     from fusion_bench_tsv import STIAnalysis
 
@@ -187,35 +220,40 @@ def test_analysis_matches_functional(tmp_path):
     assert [r["layer"] for r in results["layers"]] == layers
     pair_sum = torch.zeros(3, 3, dtype=torch.float64)
     pair_norm = torch.zeros(3, 3, dtype=torch.float64)
+    pair_bound = pair_norm_bound = 0.0
     for row, key in zip(results["layers"], layers):
-        deltas = [(pool[f"task_{i}"].state_dict()[key] - pool["_pretrained_"].state_dict()[key]).double() for i in range(3)]
-        r = min(deltas[0].shape)
+        deltas = layer_deltas(pool, key, 3)
+        (m, n), r = deltas[0].shape, min(deltas[0].shape)
         assert row["k"] == r // 3
-        full, full_l1 = oracle_sti(deltas, r)
-        low, low_l1 = oracle_sti(deltas, r // 3)
-        assert row["sti_full"] == pytest.approx(float(full), rel=1e-4)
-        assert row["sti_full_normalized"] == pytest.approx(float(full / full_l1), rel=1e-4)
-        assert row["sti"] == pytest.approx(float(low), rel=1e-4)
-        assert row["sti_normalized"] == pytest.approx(float(low / low_l1), rel=1e-4)
-        assert row["sti_decorrelated_normalized"] < 1e-5
+        # the analysis runs in float32 (the models' dtype); a normalized value's denominator adds ε-level error
+        for column, k in (("sti_full", r), ("sti", r // 3)):
+            value, l1 = oracle_sti(deltas, k)
+            bound = sti_bound(deltas, k, torch.float32)
+            assert_within(row[column], value, bound, f"{key} {column}")
+            assert_within(row[f"{column}_normalized"], value / l1, 2 * bound / l1, f"{key} {column}_normalized")
+        assert_within(row["sti_decorrelated_normalized"], 0.0, decorrelated_sti_bound(m, n, 3 * (r // 3), torch.float32),
+                      f"{key} decorrelated")
         flat = torch.stack([d.flatten() for d in deltas])
         cos = torch.nn.functional.cosine_similarity(flat[:, None], flat[None, :], dim=-1)
-        assert row["cosine_mean"] == pytest.approx(float(cos[[0, 0, 1], [1, 2, 2]].mean()), abs=1e-5)
+        assert_within(row["cosine_mean"], cos[[0, 0, 1], [1, 2, 2]].mean(), roundoff_bound(torch.float32, m * n, 1.0),
+                      f"{key} cosine")
         pair_sum += pairwise_singular_task_interference(deltas, r // 3)
         pair_norm += pairwise_singular_task_interference(deltas, r // 3, normalized=True)
-    torch.testing.assert_close(torch.tensor(results["pairwise"]["sti_sum"], dtype=torch.float64), pair_sum, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(
-        torch.tensor(results["pairwise"]["sti_normalized_mean"], dtype=torch.float64), pair_norm / 2, rtol=1e-4, atol=1e-6
-    )
+        pair_bound += sti_bound(deltas, r // 3, torch.float32)  # the 3-task bound covers each pair's
+        pair_norm_bound += 2 * sti_bound(deltas, r // 3, torch.float32) / oracle_sti(deltas, r // 3)[1]
+    assert_within(torch.tensor(results["pairwise"]["sti_sum"]), pair_sum, pair_bound, "pairwise sum")
+    assert_within(torch.tensor(results["pairwise"]["sti_normalized_mean"]), pair_norm / 2, pair_norm_bound / 2,
+                  "pairwise normalized mean")
+    check_totals(results)
 
     for name, model in pool.items():  # inputs never modified
         assert all(torch.equal(v, before[name][k]) for k, v in model.state_dict().items())
     on_disk = json.loads((tmp_path / "sti.json").read_text())
-    assert on_disk["totals"] == pytest.approx(results["totals"])
+    assert on_disk["totals"] == results["totals"]  # JSON writes floats with repr: exact
     with open(tmp_path / "sti.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["layer"] for r in rows] == layers
-    assert float(rows[1]["sti"]) == pytest.approx(results["layers"][1]["sti"])
+    assert float(rows[1]["sti"]) == results["layers"][1]["sti"]  # csv writes floats with repr: exact
     for png in ("sti_per_layer.png", "sti_pairwise.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))
@@ -233,8 +271,14 @@ def test_rank_k_only_in_several_passes_gives_the_same_numbers(tmp_path):
     ref.run(pool)
     for a, b in zip(small.results["layers"], ref.results["layers"]):
         assert a["sti_full"] is None and a["k"] == 2
-        for c in ("sti", "sti_normalized", "sti_decorrelated_normalized"):
-            assert a[c] == pytest.approx(b[c], rel=1e-4, abs=1e-6)
+        deltas = layer_deltas(pool, a["layer"], 4)
+        (m, n), (value, l1) = deltas[0].shape, oracle_sti(deltas, 2)
+        bound = 2 * sti_bound(deltas, 2, torch.float32)  # two float32 evaluations of the same value
+        assert_within(a["sti"], b["sti"], bound, "sti")
+        assert_within(a["sti_normalized"], b["sti_normalized"], 2 * bound / l1, "sti_normalized")
+        assert_within(a["sti_decorrelated_normalized"], b["sti_decorrelated_normalized"],
+                      2 * decorrelated_sti_bound(m, n, 8, torch.float32), "sti_decorrelated_normalized")
+    check_totals(small.results)
     assert full.results["layers"][0]["k"] == 12 // 4
 
 
@@ -268,8 +312,12 @@ def test_cli_on_tiny_clip_pool(tiny_pool, tmp_path):
     out_dir = found[0].parent
     results = json.loads(found[0].read_text())
     assert results["tasks"] == tiny_pool["tasks"]
-    assert results["totals"]["sti_normalized_mean"] > 1e-3
-    assert results["totals"]["sti_decorrelated_normalized_mean"] < 1e-4
+    check_totals(results)
+    # the tiny CLIP's layers (k = floor(r/8), T·k <= r): decorrelation leaves round-off only
+    largest = max(int(d) for row in results["layers"] for d in row["shape"].split("x"))
+    bound = decorrelated_sti_bound(largest, largest, largest, torch.float32)
+    assert results["totals"]["sti_normalized_mean"] > 1e3 * bound
+    assert_within(results["totals"]["sti_decorrelated_normalized_mean"], 0.0, bound, "decorrelated mean")
     with open(out_dir / "sti.csv") as f:
         assert len(list(csv.DictReader(f))) == len(results["layers"]) > 0
     for png in ("sti_per_layer.png", "sti_pairwise.png"):

@@ -13,8 +13,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from fusion_bench import BaseModelPool
 from fusion_bench.method import TaskSingularVectorMerging
 from fusion_bench_tsv import TSVMergeAlgorithm
-from fusion_bench_tsv.functional import tsv_merge_matrix
 from fusion_bench_tsv.synthetic import synthetic_task_state
+
+from oracles import assert_state_within, oracle_merge_state
 
 VISION = CLIPVisionConfig(
     hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8
@@ -47,9 +48,28 @@ def max_abs_diff(a: torch.nn.Module, b: torch.nn.Module, skip=()) -> float:
     return max((sa[k] - sb[k]).abs().max().item() for k in sa if k not in skip)
 
 
-#: max |Δ| to FusionBench's TSVM: "svd" runs its float32 SVDs (same factors); "gram" is float64 throughout,
-#: so it differs by FusionBench's float32 round-off (the issue's bar for an exact implementation: 1e-4)
-TOLERANCE = {"svd": 1e-5, "gram": 1e-4}
+def pool_states(models: dict) -> tuple[dict, list]:
+    """θ₀'s state and the fine-tuned states, in task order."""
+    return models["_pretrained_"].state_dict(), [m.state_dict() for n, m in models.items() if n != "_pretrained_"]
+
+
+def check_merge(models: dict, ours: torch.nn.Module, ref: torch.nn.Module, svd_method: str, alpha=1.0, skip=()) -> None:
+    """Ours against FusionBench's TSVM ``ref`` and the float64 oracle, each within its derived bound.
+
+    ``svd``: the same float32 SVDs of the same float32 Δᵢ as FusionBench, so only the orthogonalization and
+    products differ (bound without the truncation's amplification); ``gram``: float64 throughout, held to the
+    float64 oracle, and FusionBench (float32) to the oracle with the float32 bound."""
+    base, states = pool_states(models)
+    keys = [k for k in base if k not in skip]
+    got = ours.state_dict()
+    if svd_method == "svd":
+        _, bounds = oracle_merge_state(base, states, torch.float32, truncation=False, alpha=alpha)
+        assert_state_within(got, ref.state_dict(), bounds, "ours vs FusionBench", keys)
+    else:
+        expected, bounds = oracle_merge_state(base, states, torch.float64, gram=True, alpha=alpha)
+        assert_state_within(got, expected, bounds, "ours vs float64 oracle", keys)
+        _, bounds32 = oracle_merge_state(base, states, torch.float32, alpha=alpha)
+        assert_state_within(ref.state_dict(), expected, bounds32, "FusionBench vs float64 oracle", keys)
 
 
 @pytest.mark.parametrize("svd_method", ["svd", "gram"])
@@ -60,8 +80,8 @@ def test_equals_fusion_bench_tsvm_in_memory(num_tasks, svd_method):
     ref = TaskSingularVectorMerging(alpha=1.0).run(copy_pool(models))
     # matrices: 32×32 attention, 80×32 / 32×80 MLP (rectangular), 17×32 position embedding;
     # with T=12, k = floor(r/T) leaves r − Tk components unused (T does not divide r)
-    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
-    assert max_abs_diff(ours, models["_pretrained_"]) > 1e-3  # the merge did something
+    check_merge(models, ours, ref, svd_method)
+    assert max_abs_diff(ours, models["_pretrained_"]) > 0  # the merge did something (its size: check_merge)
 
 
 @pytest.mark.parametrize("svd_method", ["svd", "gram"])
@@ -74,7 +94,8 @@ def test_equals_fusion_bench_tsvm_on_local_disk_pool(tiny_pool, svd_method):
     ours = TSVMergeAlgorithm(show_pbar=False, svd_method=svd_method).run(pool())
     ref = TaskSingularVectorMerging(alpha=1.0).run(pool())
     assert len(tiny_pool["tasks"]) >= 8
-    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
+    p = pool()
+    check_merge({n: p.load_model(n) for n in ["_pretrained_", *tiny_pool["tasks"]]}, ours, ref, svd_method)
 
 
 def test_rank_below_num_tasks_not_zeroed_unlike_fusion_bench():
@@ -84,9 +105,10 @@ def test_rank_below_num_tasks_not_zeroed_unlike_fusion_bench():
     ref = TaskSingularVectorMerging(alpha=1.0).run(copy_pool(models))
     base = models["_pretrained_"].state_dict()[key]
     assert torch.equal(ref.state_dict()[key], base)  # FusionBench's TSVM drops the layer's update
-    deltas = [models[f"task{i}"].state_dict()[key] - base for i in range(20)]
-    torch.testing.assert_close(ours.state_dict()[key], base + tsv_merge_matrix(deltas, k=1), rtol=1e-5, atol=1e-6)
-    assert max_abs_diff(ours, ref, skip={key}) <= TOLERANCE["gram"]  # the default svd_method
+    # T·k = 20 > r = 17: U is a rank-deficient 17 × 20 concatenation; the oracle's U⊥ = PQᵀ from its SVD
+    check_merge(models, ours, ref, "gram", skip={key})  # the default svd_method
+    expected, bounds = oracle_merge_state(*pool_states(models), torch.float64, gram=True)
+    assert_state_within(ours.state_dict(), expected, bounds, "T·k > r", keys=[key])
 
 
 @pytest.mark.parametrize("svd_method", ["svd", "gram"])
@@ -94,29 +116,22 @@ def test_alpha_float_and_list_match_fusion_bench(svd_method):
     models = make_pool_models(8)
     ours = TSVMergeAlgorithm(alpha=0.6, show_pbar=False, svd_method=svd_method).run(copy_pool(models))
     ref = TaskSingularVectorMerging(alpha=0.6).run(copy_pool(models))
-    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
+    check_merge(models, ours, ref, svd_method, alpha=0.6)
     alphas = [0.5, 1.0, 1.5, 0.2, 0.9, 1.1, 0.7, 1.3]
     ours = TSVMergeAlgorithm(alpha=alphas, show_pbar=False, svd_method=svd_method).run(copy_pool(models))
     ref = TaskSingularVectorMerging(alpha=alphas).run(copy_pool(models))
-    assert max_abs_diff(ours, ref) <= TOLERANCE[svd_method]
-    assert max_abs_diff(ours, models["_pretrained_"]) > 1e-3
+    check_merge(models, ours, ref, svd_method, alpha=alphas)
+    assert max_abs_diff(ours, models["_pretrained_"]) > 0  # the merge did something (its size: check_merge)
 
 
 def test_formula_per_layer_and_exclude_keys_glob():
     models = make_pool_models(5)
     alpha = 0.8
     merged = TSVMergeAlgorithm(alpha=alpha, exclude_keys=["*mlp.fc1.*"], show_pbar=False).run(copy_pool(models))
-    base = models["_pretrained_"].state_dict()
-    tasks = [models[f"task{i}"].state_dict() for i in range(5)]
-    out = merged.state_dict()
-    for key in base:
-        deltas = [t[key].double() - base[key].double() for t in tasks]
-        if base[key].dim() == 2 and ".mlp.fc1." not in key:
-            expected = base[key].double() + alpha * tsv_merge_matrix(deltas)
-        else:  # averaged: vectors, the conv kernel and the excluded fc1 matrices
-            expected = base[key].double() + alpha * torch.stack(deltas).mean(0)
-        # float32 vs float64: noise-level singular vectors are resolved to ~1e-6 in float32
-        torch.testing.assert_close(out[key].double(), expected, rtol=1e-5, atol=1e-5, msg=key)
+    # the default svd_method is float64 throughout: the float64 bounds (plus the float32 rounding of θ)
+    expected, bounds = oracle_merge_state(*pool_states(models), torch.float64, gram=True, alpha=alpha,
+                                          exclude=["*mlp.fc1.*"])
+    assert_state_within(merged.state_dict(), expected, bounds, "merged")
 
 
 def test_inputs_are_not_modified():
