@@ -45,6 +45,7 @@ from .compressed_checkpoint import CompressedTask, build_task_model, save_compre
 from .functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
 from .routed_eval import evaluate_on_task, normalized_accuracy, supports_routing, taskpool_tasks
 from .atomic import expand_log_dir, write_atomic
+from .parallel import bounded_threads
 from .streaming import (
     as_modelpool,
     check_finite,
@@ -165,13 +166,14 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             task = CompressedTask(name)
             for key in tqdm(matrix_keys, desc=f"  {name}", leave=False, disable=not self.show_pbar):
                 work = compute_dtype(base[key].dtype)
-                delta = state[key].to(device, work) - base[key].to(device, work)
                 store = _dtype(self.factor_dtype) or base[key].dtype
-                with self.profile("truncated svd"):
-                    if self.energy is not None:
-                        factors = compress_matrix(delta, energy=self.energy)
-                    else:
-                        factors = compress_matrix(delta, fixed_ranks[key])
+                with bounded_threads(base[key].numel()):
+                    delta = state[key].to(device, work) - base[key].to(device, work)
+                    with self.profile("truncated svd"):
+                        if self.energy is not None:
+                            factors = compress_matrix(delta, energy=self.energy)
+                        else:
+                            factors = compress_matrix(delta, fixed_ranks[key])
                 task.factors[key] = type(factors)(
                     *(f.to("cpu", store).clone(memory_format=torch.contiguous_format) for f in factors)
                 )
