@@ -1,9 +1,14 @@
-"""Independent per-layer linear algebra on several CPU cores: one worker thread per core, one BLAS thread
-per worker.
+"""Thread control for the linear algebra: one worker thread per core with one BLAS thread each, and one
+thread for small work.
 
 The truncated SVDs of TSV-M are many small LAPACK calls (``syevr``/``gesdd`` on matrices of a few
 thousand rows) that do not scale with BLAS threads; running them side by side does. Each job runs with
-one BLAS thread whatever the number of workers, so the result does not depend on ``num_workers``.
+one torch/BLAS thread whatever the number of workers (BLAS results depend on the thread count), so the
+result does not depend on ``num_workers``.
+
+Small matrices gain nothing from threads, and when other processes keep the cores busy, torch's OpenMP
+threads spin-wait for each other: tens of 64 × 64 SVDs took 100× longer with torch's default threads
+than with one. :func:`bounded_threads` runs such work on one thread (TSV-C and STI use it per matrix).
 """
 
 from __future__ import annotations
@@ -11,11 +16,17 @@ from __future__ import annotations
 import os
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, Optional
+from contextlib import ExitStack, contextmanager
+from functools import lru_cache
+from typing import Callable, Iterator, Optional
 
 import torch
 
-__all__ = ["LayerExecutor", "resolve_workers", "available_cores"]
+__all__ = ["LayerExecutor", "resolve_workers", "available_cores", "single_thread", "bounded_threads", "SMALL_WORK_NUMEL"]
+
+#: Work on fewer elements than this (e.g. a matrix below 1024 × 1024) runs on one thread in
+#: :func:`bounded_threads`; ``0`` turns the bound off (torch's threads for everything).
+SMALL_WORK_NUMEL = 1 << 20
 
 
 def available_cores() -> int:
@@ -37,13 +48,49 @@ def resolve_workers(num_workers: Optional[int], device: torch.device, world_size
     return max(1, available_cores() // max(1, world_size))
 
 
+@lru_cache(maxsize=None)
+def _blas_controller():
+    """threadpoolctl's view of the BLAS/OpenMP libraries of torch, NumPy and SciPy (made once: 0.05 ms a use
+    instead of 3 ms for ``threadpool_limits``)."""
+    from threadpoolctl import ThreadpoolController
+
+    try:
+        import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, which the Gram paths call, before the scan)
+    except ImportError:  # pragma: no cover
+        pass
+    return ThreadpoolController()
+
+
+@contextmanager
+def single_thread() -> Iterator[None]:
+    """torch (in this thread) and the BLAS/OpenMP libraries use one thread inside the block."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _blas_controller().limit(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def bounded_threads(numel: int) -> Iterator[None]:
+    """:func:`single_thread` for work on fewer than :data:`SMALL_WORK_NUMEL` elements, else nothing."""
+    if numel < SMALL_WORK_NUMEL:
+        with single_thread():
+            yield
+    else:
+        yield
+
+
 class LayerExecutor:
     """A context manager that runs jobs on ``workers`` threads (in the caller's thread when ``workers <= 1``).
 
     A reader that reads one tensor per job calls ``room(cost)`` before reading and ``submit(..., cost=...)``
     after: it blocks while ``max_pending`` jobs are unfinished or their tensors hold more than ``max_bytes``
     (one job is always allowed, however large), so it never runs far ahead of the math and memory stays
-    bounded. While the pool is open, torch and the BLAS libraries it or SciPy loaded use one thread each.
+    bounded. While it is open, torch and the BLAS libraries it or SciPy loaded use one thread each, in the
+    calling thread too, so a job computes the same bits whatever ``workers`` is.
     """
 
     def __init__(self, workers: int, max_pending: Optional[int] = None, max_bytes: int = 256 * 2**20):
@@ -53,24 +100,22 @@ class LayerExecutor:
         self._pool: Optional[ThreadPoolExecutor] = None
         self._room = threading.Condition()
         self._count = self._bytes = 0
+        self._threads = ExitStack()
 
     def __enter__(self) -> "LayerExecutor":
+        self._threads.enter_context(single_thread())
         if self.workers > 1:
-            from threadpoolctl import threadpool_limits
-
-            self._torch_threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            self._limits = threadpool_limits(limits=1)
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="tsv", initializer=torch.set_num_threads,
                                             initargs=(1,))
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
-            self._pool = None
-            self._limits.restore_original_limits()
-            torch.set_num_threads(self._torch_threads)
+        try:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=exc[0] is not None)
+                self._pool = None
+        finally:
+            self._threads.close()
 
     def _full(self, cost: int) -> bool:
         return self._count >= self.max_pending or (self._count > 0 and self._bytes + cost > self.max_bytes)

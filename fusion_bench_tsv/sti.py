@@ -23,7 +23,9 @@ Example (8 CLIP ViT-B/32 tasks)::
 Memory: the fine-tuned models are streamed one at a time. Between loads the analysis keeps, per task
 and matrix, the full task matrix (``full_rank: true``) or its rank-k factors (``full_rank: false``).
 Keeping all layers' full matrices is T models' worth, so layers are analysed in groups that fit
-``max_memory_gb``, one pass over the modelpool per group.
+``max_memory_gb``, one pass over the modelpool per group. The ``Tk × Tk`` interference product of a
+layer is never formed: it is summed in blocks of rows within a quarter of the budget, and the pairwise
+STI and cosines are computed one pair of tasks at a time, so the peak stays within the budget for any T.
 """
 
 from __future__ import annotations
@@ -53,8 +55,10 @@ from .functional import (
     truncate_factors,
     truncated_svd,
 )
+from .atomic import write_atomic
 from .options import validate_options
 from .outputs import output_dir, write_output_dir
+from .parallel import bounded_threads
 from .streaming import (
     as_modelpool,
     check_finite,
@@ -104,9 +108,10 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             at least 1, as TSV-M uses it.
         full_rank: also measure STI of the full-rank task matrices (and the exact cosine similarity);
             ``False`` keeps only rank-k factors and the cosine is that of the rank-k approximations.
-        max_memory_gb: budget for what is kept between model loads (the full task matrices, or the
-            rank-k factors, of all T tasks); layers are grouped to fit it, one pass over the
-            modelpool per group. A layer larger than the budget is analysed alone.
+        max_memory_gb: budget for the analysis' tensors: what is kept between model loads (the full task
+            matrices, or the rank-k factors, of all T tasks) for a group of layers and one layer's
+            decomposition fit three quarters of it (one pass over the modelpool per group); the blocks of
+            the interference product the last quarter. A layer larger than that is analysed alone.
         exclude_keys: glob patterns of parameter names not analysed (default as TSV-M).
         device: where the linear algebra runs; ``None`` is the Fabric device.
         save_path: the directory the files go to (``{log_dir}``: the run's log dir); ``None`` (default)
@@ -141,21 +146,34 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         """The per-task rank k of every matrix, validated against its shape."""
         return {key: layer_rank(shape, num_tasks, rank=self.rank, name=key) for key, shape in shapes.items()}
 
+    def block_bytes(self) -> int:
+        """Budget of the blocks of a layer's interference product: a quarter of ``max_memory_gb``."""
+        return int(self.max_memory_gb * 2**30 / 4)
+
     def layer_groups(self, shapes: Dict[str, torch.Size], ranks: Dict[str, int], num_tasks: int, itemsize: int):
-        """Consecutive groups of matrices whose kept tensors (all T tasks) fit ``max_memory_gb``."""
-        budget = self.max_memory_gb * 2**30
+        """Consecutive groups of matrices whose kept tensors (all T tasks) and the decomposition of the
+        largest of them fit three quarters of ``max_memory_gb``."""
+        budget = 3 * self.block_bytes()
         groups: List[List[str]] = [[]]
-        used = 0.0
+        used = work = 0.0
         for key, (m, n) in shapes.items():
             per_task = m * n if self.full_rank else ranks[key] * (m + n + 1)
             size = num_tasks * per_task * itemsize
-            if groups[-1] and used + size > budget:
+            # the analysis holds about three factor-sized copies: the factors, their concatenation and
+            # one more of that size (the decorrelated factors; W of the full-rank product)
+            r = min(m, n) if self.full_rank else ranks[key]
+            layer_work = 3 * num_tasks * r * (m + n + 1) * itemsize
+            if groups[-1] and used + size + max(work, layer_work) > budget:
                 groups.append([])
-                used = 0.0
-            if size > budget:
-                log.warning(f"STI: parameter '{key}' needs {size / 2**20:.1f} MiB, more than max_memory_gb; analysed alone")
+                used = work = 0.0
+            if size + layer_work > budget:
+                log.warning(
+                    f"STI: parameter '{key}' needs {(size + layer_work) / 2**20:.1f} MiB, more than three quarters "
+                    "of max_memory_gb; analysed alone"
+                )
             groups[-1].append(key)
             used += size
+            work = max(work, layer_work)
         return groups
 
     @torch.no_grad()
@@ -198,14 +216,15 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
             ):
                 for key in group:
                     work = compute_dtype(base[key].dtype)
-                    delta = state[key].to(device, work) - base[key].to(device, work)
-                    if self.full_rank:
-                        kept[key].append(delta.cpu())
-                    else:
-                        with self.profile("truncated svd"):
-                            kept[key].append(SVDFactors(*(t.cpu() for t in truncated_svd(delta, ranks[key]))))
+                    with bounded_threads(base[key].numel()):
+                        delta = state[key].to(device, work) - base[key].to(device, work)
+                        if self.full_rank:
+                            kept[key].append(delta.cpu())
+                        else:
+                            with self.profile("truncated svd"):
+                                kept[key].append(SVDFactors(*(t.cpu() for t in truncated_svd(delta, ranks[key]))))
             for key in tqdm(group, desc="STI: layers", leave=False, disable=not self.show_pbar):
-                with self.profile("interference"):
+                with self.profile("interference"), bounded_threads(len(names) * base[key].numel()):
                     row, pair, pair_norm = self.analyse_layer(key, kept.pop(key), ranks[key], device)
                 rows.append(row)
                 pairwise += pair
@@ -234,14 +253,24 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         return output_dir(self.save_path or "{log_dir}", self.log_dir, "sti", "STI")
 
     def analyse_layer(self, key: str, kept: list, k: int, device: torch.device):
-        """One layer's CSV row and its T × T pairwise STI (raw and normalized, float64 on CPU)."""
+        """One layer's CSV row and its T × T pairwise STI (raw and normalized, float64 on CPU).
+
+        ``kept`` (the T task matrices, or their factors) is consumed: each task matrix is released once
+        it is decomposed."""
+        max_bytes = self.block_bytes()
         if self.full_rank:
             kept = [d.to(device) for d in kept]
-            full = [truncated_svd(d, min(d.shape)) for d in kept]
+            cosine = mean_pairwise_cosine(task_cosine_similarity(kept))
+            full = []
+            while kept:
+                d = kept.pop(0)
+                full.append(truncated_svd(d, min(d.shape)))
+                del d
             factors = [truncate_factors(f, k) for f in full]
         else:
             full = None
             factors = [SVDFactors(*(t.to(device) for t in f)) for f in kept]
+            cosine = mean_pairwise_cosine(task_cosine_similarity(factors))
 
         def value(t: Tensor) -> float:
             return float(t.double())
@@ -249,15 +278,15 @@ class STIAnalysis(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
         m, n = factors[0].U.shape[0], factors[0].Vh.shape[1]
         row = {"layer": key, "shape": f"{m}x{n}", "k": k}
         sigma_l1 = torch.stack([f.S.abs().sum() for f in factors])  # ‖Σᵢ‖₁ of each task at rank k
-        row["sti_full"] = value(sti_from_factors(full)) if full else None
+        row["sti_full"] = value(sti_from_factors(full, max_bytes=max_bytes)) if full else None
         row["sti_full_normalized"] = (
             row["sti_full"] / value(sum(f.S.abs().sum() for f in full)) if full else None
         )
-        row["sti"] = value(sti_from_factors(factors))
+        row["sti"] = value(sti_from_factors(factors, max_bytes=max_bytes))
         row["sti_normalized"] = row["sti"] / value(sigma_l1.sum())
-        row["sti_decorrelated"] = value(sti_from_factors(factors, decorrelate=True))
+        row["sti_decorrelated"] = value(sti_from_factors(factors, decorrelate=True, max_bytes=max_bytes))
         row["sti_decorrelated_normalized"] = row["sti_decorrelated"] / value(sigma_l1.sum())
-        row["cosine_mean"] = value(mean_pairwise_cosine(task_cosine_similarity(kept if full else factors)))
+        row["cosine_mean"] = value(cosine)
         # normalized pairwise entry (i, j): STI of {i, j} / (‖Σᵢ‖₁ + ‖Σⱼ‖₁), as pairwise_sti_from_factors does
         pair = pairwise_sti_from_factors(factors).double().cpu()
         pair_sigma = sigma_l1.double().cpu()

@@ -47,6 +47,7 @@ from .routed_eval import evaluate_on_task, format_summary, normalized_accuracy, 
 from .atomic import write_atomic
 from .options import float_dtype, validate_options
 from .outputs import output_dir
+from .parallel import bounded_threads
 from .streaming import (
     as_modelpool,
     check_finite,
@@ -162,13 +163,14 @@ class TSVCompressAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgori
             task = CompressedTask(name)
             for key in tqdm(matrix_keys, desc=f"  {name}", leave=False, disable=not self.show_pbar):
                 work = compute_dtype(base[key].dtype)
-                delta = state[key].to(device, work) - base[key].to(device, work)
                 store = self._factor_dtype() or base[key].dtype
-                with self.profile("truncated svd"):
-                    if self.energy is not None:
-                        factors = compress_matrix(delta, energy=self.energy)
-                    else:
-                        factors = compress_matrix(delta, fixed_ranks[key])
+                with bounded_threads(base[key].numel()):
+                    delta = state[key].to(device, work) - base[key].to(device, work)
+                    with self.profile("truncated svd"):
+                        if self.energy is not None:
+                            factors = compress_matrix(delta, energy=self.energy)
+                        else:
+                            factors = compress_matrix(delta, fixed_ranks[key])
                 task.factors[key] = type(factors)(
                     *(f.to("cpu", store).clone(memory_format=torch.contiguous_format) for f in factors)
                 )

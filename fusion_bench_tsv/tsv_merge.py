@@ -127,8 +127,8 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
         num_workers: threads that decompose matrices side by side, each with one BLAS thread (LAPACK's
             eigensolvers and SVDs of these sizes barely use a second BLAS thread; two matrices at once do).
             ``None`` (default): the CPU cores available (divided among Fabric processes) when the math
-            runs on the CPU, 1 on a GPU. 0 or 1: everything in the calling thread with torch's threads.
-            The result does not depend on it (each job always runs single-threaded when it is > 1).
+            runs on the CPU, 1 on a GPU. 0 or 1: one job at a time in the calling thread. Every job runs on
+            one torch/BLAS thread whatever this is, so the result does not depend on it (bit for bit).
         allow_missing_keys: accept a checkpoint (fine-tuned or pretrained) that lacks parameters of the
             model it is loaded into; ``from_pretrained`` fills them with random values. ``False`` (default)
             refuses it with an error naming the model and the keys.
@@ -136,7 +136,7 @@ class TSVMergeAlgorithm(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm
     With a Fabric strategy of several processes (e.g. ``fabric.strategy=ddp fabric.devices=2``), the
     parameters are split across the ranks by size, each rank merges its share (reading only those
     layers when lazy) and rank 0 assembles the merged model, bitwise the one a single process makes
-    (with the same number of torch threads per process); the other ranks return None.
+    (each job runs on one thread); the other ranks return None.
     """
 
     def __init__(

@@ -11,11 +11,15 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from fusion_bench_tsv.functional import (
     mean_pairwise_cosine,
     pairwise_singular_task_interference,
+    pairwise_sti_from_factors,
     singular_task_interference,
+    sti_from_factors,
     task_cosine_similarity,
     task_factors,
 )
@@ -63,6 +67,47 @@ def test_matches_float64_formula(k, rank):
     got32 = singular_task_interference([d.float() for d in deltas], k)
     assert got32.dtype == torch.float32
     assert_within(got32, expected, sti_bound(deltas, kk, torch.float32), "float32 STI")
+
+
+class LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns inside the block."""
+
+    numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("k", [2, 9])  # T·k = 6 <= max(m, n) (rank k) and 27 > max(m, n) (e.g. full rank)
+def test_blocked_sti_matches_float64_formula_and_never_forms_the_product(k):
+    T, m, n = 3, 12, 9
+    deltas = low_rank_tasks(T=T, m=m, n=n, rank=9, seed=6)
+    factors = task_factors(deltas, k)
+    expected, _ = oracle_sti(deltas, k)
+    p = T * k
+    s_max = max(float(f.S.max()) for f in factors)
+    # each of the p² entries sums p terms |X_il σ_l Y_lj| <= σ_max (|X|, |Y| <= 1 for orthonormal task
+    # factors), each from inner products of length <= m + n + p: error <= p²·p·(m + n + p)·ε64·σ_max
+    bound = p**3 * (m + n + p) * torch.finfo(torch.float64).eps * s_max
+    row_bytes = (2 * p + n) * 8  # a row of a block's temporaries (float64)
+    for max_bytes, rows in ((1, 1), (2 * row_bytes, 2), (None, min(p, m))):
+        with LargestTensor() as seen:
+            got = sti_from_factors(factors, max_bytes=max_bytes)
+        err = abs(float(got) - float(expected))
+        assert err <= bound, f"max_bytes={max_bytes}: |STI - float64 formula| = {err:.3g} > bound {bound:.3g}"
+        # nothing p × p: the concatenated factors (m × p) and blocks of `rows` rows are the largest tensors
+        largest = max(m * p, rows * p)
+        assert seen.numel <= largest, f"max_bytes={max_bytes}: a tensor of {seen.numel} elements > {largest}"
+    with LargestTensor() as seen:
+        pair = pairwise_sti_from_factors(factors)
+    assert seen.numel <= max(m * k, T * T, (2 * k) ** 2), f"pairwise STI made a tensor of {seen.numel} elements"
+    expected_01, _ = oracle_sti(deltas[:2], k)
+    err = abs(float(pair[0, 1]) - float(expected_01))
+    assert err <= bound, f"pairwise (0, 1): error {err:.3g} > bound {bound:.3g}"
 
 
 def test_zero_for_mutually_orthogonal_tasks():
@@ -207,12 +252,13 @@ def layer_deltas(pool: dict, key: str, num_tasks: int) -> list:
     return [(pool[f"task_{i}"].state_dict()[key] - base).double() for i in range(num_tasks)]
 
 
-def test_analysis_matches_functional(tmp_path):
+@pytest.mark.parametrize("max_memory_gb", [4.0, 1e-9], ids=["one-block", "one-row-blocks"])
+def test_analysis_matches_functional(tmp_path, max_memory_gb):
     from fusion_bench_tsv import STIAnalysis
 
     pool = make_pool()
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in pool.items()}
-    algo = STIAnalysis(save_path=str(tmp_path), show_pbar=False, device="cpu")
+    algo = STIAnalysis(save_path=str(tmp_path), show_pbar=False, device="cpu", max_memory_gb=max_memory_gb)
     assert algo.run(pool) is None
     results = algo.results
     assert results["tasks"] == ["task_0", "task_1", "task_2"]
