@@ -19,7 +19,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 from test_install import _bridge_site_packages
 
 _spec = importlib.util.spec_from_file_location("upstream_generate", REPO_ROOT / "upstream" / "generate.py")
@@ -64,8 +64,8 @@ def test_generated_pull_request_is_up_to_date(outputs):
 
 
 def test_placement_table_rejects_an_unplaced_module(monkeypatch):
-    monkeypatch.delitem(generate.PLACEMENT, "fusion_bench_tsv/sharding.py")
-    with pytest.raises(generate.GenerationError, match=r"fusion_bench_tsv/sharding\.py is not placed"):
+    monkeypatch.delitem(generate.PLACEMENT, "fusion_bench_tsv/compat.py")
+    with pytest.raises(generate.GenerationError, match=r"fusion_bench_tsv/compat\.py is not placed"):
         generate.contributed_files()
 
 

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from ..atomic import write_atomic
+from ..io.atomic import write_atomic
 
 __all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "clip_taskpool_config", "taskpool_config",
            "openclip_heads_config", "openclip_modelpool_config", "openclip_taskpool_config", "write_suite_configs"]
@@ -49,12 +49,12 @@ def modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -
 def clip_taskpool_config(tasks: Sequence[str], data_root: str, clip_model: str, split: str = "test",
                          batch_size: int = 200) -> dict:
     """``CLIPVisionModelTaskPool`` on the local datasets ``<data_root>/<task>`` (see
-    :mod:`fusion_bench_tsv.local_data`), with zero-shot heads from the ``CLIPModel`` saved at ``clip_model``."""
+    :mod:`fusion_bench_tsv.benchmark.local_data`), with zero-shot heads from the ``CLIPModel`` saved at ``clip_model``."""
     return {
         "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
         "_recursive_": False,
         "test_datasets": {
-            t: {"_target_": "fusion_bench_tsv.local_data.load_task_dataset", "root": str(data_root),
+            t: {"_target_": "fusion_bench_tsv.benchmark.local_data.load_task_dataset", "root": str(data_root),
                 "task": t, "split": split}
             for t in tasks
         },
