@@ -156,10 +156,7 @@ def child(args) -> None:
         profile = {k: round(sum(v), 3) for k, v in algorithm._profiler.recorded_durations.items()}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in merged.state_dict().items()
              if torch.is_floating_point(v)}
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out)
+    write_atomic(args.out, lambda tmp: save_file(state, str(tmp)))
     result = dict(wall_s=round(wall, 2), peak_rss_gb=round(peak, 3), rss_after_import_gb=round(rss_before, 3),
                   profile_s=profile, torch_threads=torch.get_num_threads())
     Path(args.result).write_text(json.dumps(result))

@@ -115,6 +115,7 @@ def _seed(settings: BuildSettings, *parts: str) -> int:
     return int(hashlib.sha256("/".join([str(settings.seed), *parts]).encode()).hexdigest()[:8], 16)
 
 
+# longer than ~60 lines: the build's steps in order (pretrain, tasks, fine-tunes, exports), each a call
 def build_benchmark(
     num_tasks: int = 20,
     root: Optional[os.PathLike] = None,

@@ -108,25 +108,13 @@ def write_pool_configs(
     The task pool evaluates ``eval_tasks`` (default: all tasks) from the local datasets in ``data_root``
     (see :mod:`fusion_bench_tsv.benchmark.local_data`); it is omitted when ``data_root`` is None.
     """
-    import yaml
-
-    from .configs import clip_taskpool_config
+    from .configs import clip_modelpool_config, clip_taskpool_config, write_config
 
     config_dir = Path(config_dir)
-    modelpool = {
-        "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
-        "_recursive_": False,
-        "processor": str(pretrained_path),
-        "models": {"_pretrained_": str(pretrained_path), **{t: str(p) for t, p in task_paths.items()}},
-        "platform": "hf",
-    }
-    path = config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(modelpool, sort_keys=False))
+    write_config(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}.yaml", "",
+                 clip_modelpool_config(str(pretrained_path), {t: str(p) for t, p in task_paths.items()}))
     if data_root is None:
         return
     tasks = list(eval_tasks) if eval_tasks is not None else list(task_paths)
-    taskpool = clip_taskpool_config(tasks, str(data_root), str(pretrained_path), batch_size=batch_size)
-    path = config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(taskpool, sort_keys=False))
+    write_config(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}.yaml", "",
+                 clip_taskpool_config(tasks, str(data_root), str(pretrained_path), batch_size=batch_size))

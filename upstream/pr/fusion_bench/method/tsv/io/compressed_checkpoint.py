@@ -244,6 +244,26 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty((), dtype=dtype).element_size()
 
 
+def _check_tasks(tasks: Sequence[CompressedTask]) -> None:
+    """Refuse an empty list, repeated names, or tasks that differ in parameters, dtypes or shapes."""
+    if not tasks:
+        raise ValueError("save_compressed needs at least one task")
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be unique, got {names}")
+    first = tasks[0]
+    for t in tasks:
+        if set(t.factors) != set(first.factors) or set(t.others) != set(first.others):
+            raise ValueError(f"task '{t.name}' does not have the same parameters as task '{first.name}'")
+        for key, factors in t.factors.items():
+            if {f.dtype for f in factors} != {first.factors[key].U.dtype}:
+                raise ValueError(f"task '{t.name}': the factors of '{key}' are not all {first.factors[key].U.dtype}")
+        for key, value in t.others.items():
+            if value.dtype != first.others[key].dtype or value.shape != first.others[key].shape:
+                raise ValueError(f"task '{t.name}': parameter '{key}' differs in dtype or shape from task '{first.name}'")
+
+
+# longer than ~60 lines: the manifest is one literal, every field in one place (the format's reference)
 def save_compressed(
     directory: Union[str, os.PathLike],
     tasks: Sequence[CompressedTask],
@@ -261,22 +281,9 @@ def save_compressed(
     """
     from safetensors.torch import save_file
 
-    if not tasks:
-        raise ValueError("save_compressed needs at least one task")
-    names = [t.name for t in tasks]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names must be unique, got {names}")
+    _check_tasks(tasks)
     directory = output_dir(str(directory), None, "tsv_c", "TSV-C")
     first = tasks[0]
-    for t in tasks:
-        if set(t.factors) != set(first.factors) or set(t.others) != set(first.others):
-            raise ValueError(f"task '{t.name}' does not have the same parameters as task '{first.name}'")
-        for key, factors in t.factors.items():
-            if {f.dtype for f in factors} != {first.factors[key].U.dtype}:
-                raise ValueError(f"task '{t.name}': the factors of '{key}' are not all {first.factors[key].U.dtype}")
-        for key, value in t.others.items():
-            if value.dtype != first.others[key].dtype or value.shape != first.others[key].shape:
-                raise ValueError(f"task '{t.name}': parameter '{key}' differs in dtype or shape from task '{first.name}'")
 
     tensors: Dict[str, Tensor] = {}
     digests = []
