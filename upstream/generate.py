@@ -131,12 +131,12 @@ UPSTREAM_EDITS: List[Tuple[str, str, str]] = [
 #: Files of FusionBench 0.2.33 replaced as a whole (its stubs that now have a working implementation).
 UPSTREAM_REPLACEMENTS: Dict[str, str] = {
     "fusion_bench/method/task_singular_vector/TSVC.py": '''\
-"""Task Singular Vector Compression (TSV-C): implemented by :mod:`fusion_bench.method.{group}.tsv_compress`.
+"""Task Singular Vector Compression (TSV-C): implemented by :mod:`fusion_bench.method.{group}.methods.tsv_compress`.
 
 This module used to hold a stub whose ``run`` raised ``NotImplementedError``; the name is kept for imports.
 """
 
-from ..{group}.tsv_compress import TSVCompressAlgorithm as TaskSingularVectorCompression
+from ..{group}.methods.tsv_compress import TSVCompressAlgorithm as TaskSingularVectorCompression
 
 __all__ = ["TaskSingularVectorCompression"]
 ''',
