@@ -37,9 +37,11 @@ KNOWN_ERROR = "NameError: name 'name' is not defined"  # FusionBench 0.2.33's ev
 
 
 @pytest.fixture(scope="module")
-def sdist(request) -> Path:
+def sdist(request, tmp_path_factory) -> Path:
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider: download into a temporary dir
+    where = cache.mkdir("fusion-bench-sdist") if cache is not None else tmp_path_factory.mktemp("fusion-bench-sdist")
     try:
-        return generate.sdist_path(Path(request.config.cache.mkdir("fusion-bench-sdist")))
+        return generate.sdist_path(Path(where))
     except generate.GenerationError as exc:
         pytest.fail(str(exc))
 
