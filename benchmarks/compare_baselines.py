@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Sequence
 
-from fusion_bench_tsv.atomic import write_atomic
+from fusion_bench_tsv.io.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "tiny_clip"

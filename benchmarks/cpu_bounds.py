@@ -3,7 +3,7 @@
 ``busy``: every core is kept busy by a ``yes > /dev/null`` process (started and killed here), then TSV-C's
 truncated SVDs and STI's interference step run on the 8-task tiny CLIP pool (hidden 64, as in the tests),
 each in its own process with torch's default threads: "before" with the small-work bound off
-(``fusion_bench_tsv.parallel.SMALL_WORK_NUMEL = 0``: every op on torch's default threads, TSV-C's code path
+(``fusion_bench_tsv.runtime.parallel.SMALL_WORK_NUMEL = 0``: every op on torch's default threads, TSV-C's code path
 before the bound), "after" with it. Times are the algorithms' own profile entries.
 
 ``sti-memory``: STI with ``full_rank: true`` on an in-memory pool of T one-matrix models (``hidden × hidden``,
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Dict, List
 
-from fusion_bench_tsv.atomic import write_atomic
-from fusion_bench_tsv.parallel import available_cores
+from fusion_bench_tsv.io.atomic import write_atomic
+from fusion_bench_tsv.runtime.parallel import available_cores
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from performance import peak_rss_mib  # noqa: E402
@@ -58,7 +58,7 @@ def child_busy(pool_dir: Path, bound: bool) -> dict:
     import torch
     from fusion_bench.modelpool import CLIPVisionModelPool
 
-    import fusion_bench_tsv.parallel as parallel
+    import fusion_bench_tsv.runtime.parallel as parallel
     from fusion_bench_tsv import STIAnalysis, TSVCompressAlgorithm
 
     if not bound:
@@ -89,7 +89,7 @@ def child_sti_memory(num_tasks: int, hidden: int, max_memory_gb: float) -> dict:
     from torch import nn
 
     from fusion_bench_tsv import STIAnalysis
-    from fusion_bench_tsv.synthetic import synthetic_task_state
+    from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 
     torch.manual_seed(0)
     base = nn.Linear(hidden, hidden, bias=False)
@@ -125,8 +125,8 @@ def run_child(args: List[str], threads_default: bool) -> dict:
 # ------------------------------------------------------------------------------------------- parts
 def build_tiny_pool(root: Path) -> None:
     """The tests' tiny CLIP (hidden 64) and 8 synthetic fine-tuned vision towers."""
-    from fusion_bench_tsv.synthetic import write_clip_pool
-    from fusion_bench_tsv.tiny_clip import make_tiny_clip, save_clip
+    from fusion_bench_tsv.benchmark.synthetic import write_clip_pool
+    from fusion_bench_tsv.benchmark.tiny_clip import make_tiny_clip, save_clip
 
     save_clip(make_tiny_clip(seed=0), root / "pretrained")
     write_clip_pool(root / "models", root / "pretrained", TASKS, seed=1)

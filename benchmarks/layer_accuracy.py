@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from fusion_bench_tsv.functional import tsv_merge_matrix
-from fusion_bench_tsv.safetensors_state import SafetensorsState
+from fusion_bench_tsv.io.safetensors_state import SafetensorsState
 
 KEYS = ["vision_model.encoder.layers.0.self_attn.q_proj.weight", "vision_model.encoder.layers.0.mlp.fc1.weight"]
 

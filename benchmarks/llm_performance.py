@@ -2,7 +2,7 @@
 
 The pool is made here (nothing is downloaded): a ``Qwen2Config`` shaped like Qwen2.5-0.5B (hidden 896,
 intermediate 4864, 24 layers, 14 heads, 2 KV heads, vocab 151936, tied embeddings) with random weights,
-and T fine-tunes = base + synthetic low-rank updates (:func:`fusion_bench_tsv.synthetic.synthetic_task_state`),
+and T fine-tunes = base + synthetic low-rank updates (:func:`fusion_bench_tsv.benchmark.synthetic.synthetic_task_state`),
 saved with ``save_pretrained`` (sharded safetensors). Each mode then runs in a fresh Python process:
 
 - ``eager``: ``CausalLMPool(enable_lazy_loading=False)``, ``lazy_loading=False``: one fine-tuned model
@@ -54,7 +54,7 @@ def make_pool(work: Path, shape: str, num_tasks: int, dtype: str) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from fusion_bench_tsv.synthetic import synthetic_task_state
+    from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 
     torch.manual_seed(0)
     config = Qwen2Config(torch_dtype=dtype, **SHAPES[shape])
@@ -81,7 +81,7 @@ def run_mode(paths: dict, mode: str, device: str, svd_method: str) -> dict:
 
     from fusion_bench.modelpool import CausalLMPool
     from fusion_bench_tsv import TSVMergeAlgorithm
-    from fusion_bench_tsv.streaming import LLM_EXCLUDE_KEYS
+    from fusion_bench_tsv.io.keys import LLM_EXCLUDE_KEYS
 
     after_imports = rss_mib()
     lazy = mode == "lazy"
@@ -149,7 +149,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     existing = json.loads(args.out.read_text()) if args.out.is_file() else []
     existing.extend(rows)
-    from fusion_bench_tsv.atomic import write_atomic
+    from fusion_bench_tsv.io.atomic import write_atomic
 
     write_atomic(args.out, lambda p: p.write_text(json.dumps(existing, indent=1)))
     header = ("| shape | T | dtype | mode | wall (s) | peak RSS (MiB) | one model (MiB) | peak / model | RSS after imports (MiB) "

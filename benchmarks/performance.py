@@ -1,7 +1,7 @@
 """Side-by-side performance of our streaming TSV-M and FusionBench's built-in TSVM on the same pool.
 
 Builds real-shaped CLIP vision towers locally (random pretrained weights; each task update a low-rank
-part plus small dense noise, :func:`fusion_bench_tsv.synthetic.synthetic_task_state`), saves them as
+part plus small dense noise, :func:`fusion_bench_tsv.benchmark.synthetic.synthetic_task_state`), saves them as
 Hugging Face checkpoints in a cache directory (not in the repository), and merges T = 8, 14, 20 of them
 with each implementation in its own process, one process at a time, each under an address-space cap so
 that running out of memory gives a row saying so. Measures the wall time of ``algorithm.run(modelpool)``
@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from fusion_bench_tsv.atomic import write_atomic
+from fusion_bench_tsv.io.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
@@ -49,7 +49,7 @@ MODELS: Dict[str, dict] = {
     "ViT-L/14": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                      patch_size=14, image_size=224, projection_dim=768),
 }
-#: synthetic task updates (:func:`fusion_bench_tsv.synthetic.synthetic_task_state`), entries of RMS ~5e-4
+#: synthetic task updates (:func:`fusion_bench_tsv.benchmark.synthetic.synthetic_task_state`), entries of RMS ~5e-4
 #: (the order of CLIP fine-tuning task vectors at lr 1e-5).
 #: "decaying" (default): a rank-128 part whose singular values decay as 1/j (90 % of the energy) plus dense
 #: noise (10 %): a smooth spectrum, as fine-tuned task matrices have, so top-k is well posed at every k.
@@ -89,7 +89,7 @@ def build_pool(model: str, num_tasks: int, cache: Path, update: str = "decaying"
     import torch
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from fusion_bench_tsv.synthetic import synthetic_task_state
+    from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 
     root = cache / (slug(model) if update == "spiky" else f"{slug(model)}-{update}")
     marker = root / f"complete_T{num_tasks}.json"
@@ -156,10 +156,7 @@ def child(args) -> None:
         profile = {k: round(sum(v), 3) for k, v in algorithm._profiler.recorded_durations.items()}
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in merged.state_dict().items()
              if torch.is_floating_point(v)}
-    out = Path(args.out)
-    tmp = out.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, out)
+    write_atomic(args.out, lambda tmp: save_file(state, str(tmp)))
     result = dict(wall_s=round(wall, 2), peak_rss_gb=round(peak, 3), rss_after_import_gb=round(rss_before, 3),
                   profile_s=profile, torch_threads=torch.get_num_threads())
     Path(args.result).write_text(json.dumps(result))

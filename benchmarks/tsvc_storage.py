@@ -3,7 +3,7 @@
 The model is ``transformers.CLIPVisionModel`` with ``CLIPVisionConfig()`` defaults, which are those of
 ``openai/clip-vit-base-patch32`` (hidden 768, intermediate 3072, 12 layers, patch 32, image 224), built on
 the ``meta`` device (no memory, no weights). Ranks are the reference's k = floor(min(m, n) / T) (or the
-``--fraction`` / ``--rank`` given); the counts come from :func:`fusion_bench_tsv.compressed_checkpoint.storage_accounting`,
+``--fraction`` / ``--rank`` given); the counts come from :func:`fusion_bench_tsv.io.compressed_checkpoint.storage_accounting`,
 the function that writes the manifest of a real checkpoint.
 
     python benchmarks/tsvc_storage.py            # markdown table for T = 8, 14, 20, float32
@@ -36,9 +36,9 @@ def storage_rows(
     exclude_keys: Sequence[str] = ("*text_projection*",),
 ) -> List[dict]:
     """One storage accounting per T (every task gets the same k per layer)."""
-    from fusion_bench_tsv.compressed_checkpoint import storage_accounting
+    from fusion_bench_tsv.io.compressed_checkpoint import storage_accounting
     from fusion_bench_tsv.functional import layer_rank
-    from fusion_bench_tsv.streaming import is_excluded
+    from fusion_bench_tsv.io.keys import is_excluded
 
     matrices = [k for k, (shape, _) in params.items() if len(shape) == 2 and not is_excluded(k, exclude_keys)]
     rows = []

@@ -14,9 +14,9 @@ ensure_typing_override()
 __version__ = "0.1.0"
 
 _LAZY = {
-    "STIAnalysis": "fusion_bench_tsv.sti",
-    "TSVMergeAlgorithm": "fusion_bench_tsv.tsv_merge",
-    "TSVCompressAlgorithm": "fusion_bench_tsv.tsv_compress",
+    "STIAnalysis": "fusion_bench_tsv.methods.sti",
+    "TSVMergeAlgorithm": "fusion_bench_tsv.methods.tsv_merge",
+    "TSVCompressAlgorithm": "fusion_bench_tsv.methods.tsv_compress",
 }
 
 __all__ = ["__version__", *_LAZY]

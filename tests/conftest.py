@@ -6,24 +6,20 @@ Everything is made on the fly from seeds; nothing is downloaded.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
+from support import TASKS_EVAL
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-TASKS_EVAL = ["shade_a", "shade_b"]  # tasks with test data (evaluated through the CLI)
-
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from fusion_bench_tsv.tiny_clip import make_tiny_clip, save_clip
+    from fusion_bench_tsv.benchmark.tiny_clip import make_tiny_clip, save_clip
 
     return save_clip(make_tiny_clip(seed=0), tmp_path_factory.mktemp("tiny_clip") / "pretrained")
 
@@ -35,8 +31,8 @@ def tiny_pool(tmp_path_factory, tiny_clip_dir) -> Dict[str, object]:
     Returns a dict with ``config_dir`` (pass as ``--config-dir``), ``name`` (the modelpool/taskpool
     config name, ``tiny_clip_T8``), ``pretrained``, ``tasks`` and ``data_root``.
     """
-    from fusion_bench_tsv.local_data import save_task_dataset
-    from fusion_bench_tsv.synthetic import random_image_task, write_clip_pool, write_pool_configs
+    from fusion_bench_tsv.benchmark.local_data import save_task_dataset
+    from fusion_bench_tsv.benchmark.synthetic import random_image_task, write_clip_pool, write_pool_configs
 
     root = tmp_path_factory.mktemp("tiny_pool")
     tasks = TASKS_EVAL + [f"task_{i}" for i in range(len(TASKS_EVAL), 8)]
@@ -60,12 +56,3 @@ def tiny_pool(tmp_path_factory, tiny_clip_dir) -> Dict[str, object]:
         "paths": paths,
         "data_root": root / "data",
     }
-
-
-def run_fusion_bench(args: List[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run the real ``fusion_bench`` CLI in a subprocess (offline), returning the completed process."""
-    exe = Path(sys.executable).parent / "fusion_bench"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    return subprocess.run(
-        [str(exe), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
-    )

@@ -227,3 +227,19 @@ def numpy_ranked_merge(deltas, ranks) -> RankedMerge:
     polar = [p @ qh for p, _, qh in (np.linalg.svd(x, full_matrices=False) for x in (U, V))]
     merged = polar[0] @ np.diag(S) @ polar[1].T
     return RankedMerge(merged, np.linalg.svd(U, compute_uv=False)[-1], np.linalg.svd(V, compute_uv=False)[-1], ratio)
+
+
+def sti_bound(deltas, k, dtype) -> float:
+    """Bound on |STI computed in ``dtype`` − the float64 oracle|: the entries of UᵀU − I err by c·√m·ε·κ
+    (κ = 1 + σ₁/gap, the singular vectors' sensitivity at the cut), weighted by Σ and by |VᵀV − I| ≤ Tk:
+    c·√n·ε·κ·‖Σ‖₁·(Tk + 1) in all."""
+    U, S, V, spectra = task_triplets(deltas, k)
+    kappa = 1 + max(s[0] / (s[k - 1] - s[k]) if k < len(s) and s[k - 1] > s[k] else 0.0 for s in spectra)
+    return roundoff_bound(dtype, max(deltas[0].shape), kappa * float(np.abs(S).sum()) * (U.shape[1] + 1))
+
+
+def decorrelated_sti_bound(m: int, n: int, tk: int, dtype) -> float:
+    """Bound on the normalized STI after decorrelation (exactly 0 when Tk <= min(m, n)): U⊥ = PQᵀ from an SVD
+    is orthonormal to round-off whatever U's conditioning, so every entry of U⊥ᵀU⊥ − I is at most c·√m·ε
+    (of V⊥ᵀV⊥ − I: c·√n·ε), and ‖AΣB‖₁ <= ‖Σ‖₁·max column sum of |A|·max row sum of |B|."""
+    return tk**2 * roundoff_bound(dtype, m, 1.0) * roundoff_bound(dtype, n, 1.0)

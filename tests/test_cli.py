@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO_ROOT, run_fusion_bench
+from support import REPO_ROOT, run_fusion_bench
 from oracles import assert_state_within, oracle_merge_state
 
 pytestmark = pytest.mark.cli

@@ -91,3 +91,12 @@ def test_config_is_linked_and_its_doc_references_exist(config: Path):
     assert f"]({rel})" in README.read_text(encoding="utf-8"), f"README.md does not link the option reference {rel}"
     missing = [d for d in re.findall(r"\bdocs/[\w.-]+\.md", config.read_text(encoding="utf-8")) if not (REPO / d).exists()]
     assert not missing, f"{rel} names documentation pages that do not exist: {missing}"
+
+
+def test_layout_page_lists_every_module():
+    """docs/layout.md names every module of the package, so that a newcomer finds each idea's place."""
+    text = (REPO / "docs" / "layout.md").read_text(encoding="utf-8")
+    package = REPO / "fusion_bench_tsv"
+    missing = [str(p.relative_to(package)) for p in sorted(package.rglob("*.py"))
+               if p.name != "__init__.py" and not re.search(rf"^\s+{re.escape(p.name)}\s", text, flags=re.M)]
+    assert not missing, f"docs/layout.md does not list {missing}"

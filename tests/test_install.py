@@ -9,7 +9,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from conftest import REPO_ROOT
+from support import REPO_ROOT
 
 
 def test_core_packages_import_together():

@@ -21,13 +21,11 @@ from omegaconf import OmegaConf
 
 from fusion_bench.modelpool import CausalLMPool
 from fusion_bench_tsv import STIAnalysis, TSVCompressAlgorithm, TSVMergeAlgorithm
-from fusion_bench_tsv.atomic import write_dir_atomic
-from fusion_bench_tsv.sharding import split_by_size
-from fusion_bench_tsv.safetensors_state import SafetensorsState
-from fusion_bench_tsv.streaming import LLM_EXCLUDE_KEYS
-from fusion_bench_tsv.synthetic import synthetic_task_state
+from fusion_bench_tsv.io.safetensors_state import SafetensorsState
+from fusion_bench_tsv.io.keys import LLM_EXCLUDE_KEYS
+from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 
-from conftest import run_fusion_bench
+from support import run_fusion_bench
 from oracles import (assert_state_within, assert_within, eps, max_error, mean_of_updates, oracle_merge_state,
                      oracle_rank_k, rank_k_bound)
 
@@ -173,7 +171,7 @@ def test_lazy_path_builds_no_finetuned_model_and_keeps_one_layer_per_task(llm, m
 def test_save_sharded_atomic_reloads_with_tokenizer(llm, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from fusion_bench_tsv.outputs import write_output_dir
+    from fusion_bench_tsv.io.outputs import write_output_dir
 
     target = tmp_path / "merged"  # an older output of this package, with a file the new one does not have
     write_output_dir(target, lambda tmp: (tmp / "stale.txt").write_text("an older checkpoint"), "TSV-M")
@@ -193,21 +191,6 @@ def test_save_sharded_atomic_reloads_with_tokenizer(llm, tmp_path):
     # the sharded checkpoint reads lazily as it was written
     lazy = SafetensorsState(target, "merged")
     assert torch.equal(lazy["model.norm.weight"], merged.model.norm.weight)
-
-
-def test_write_dir_atomic_keeps_old_directory_on_failure(tmp_path):
-    target = tmp_path / "out"
-    target.mkdir()
-    (target / "a").write_text("old")
-
-    def fail(tmp):
-        (tmp / "a").write_text("half")
-        raise RuntimeError("disk full")
-
-    with pytest.raises(RuntimeError, match="disk full"):
-        write_dir_atomic(target, fail)
-    assert (target / "a").read_text() == "old"
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_tsv_c_and_sti_run_on_lazy_llm_pool(llm, tmp_path):
@@ -233,16 +216,6 @@ def test_tsv_c_and_sti_run_on_lazy_llm_pool(llm, tmp_path):
     layers = [row["layer"] for row in sti.results["layers"]]
     assert key in layers and not any("embed_tokens" in k or "lm_head" in k for k in layers)
     assert all(row["sti"] > 0 for row in sti.results["layers"])
-
-
-def test_split_by_size_balances_and_is_deterministic():
-    sizes = {"a": 10, "b": 9, "c": 5, "d": 4, "e": 1}
-    shares = split_by_size(sizes, 2)
-    assert shares == split_by_size(dict(sizes), 2)
-    assert sorted(k for s in shares for k in s) == sorted(sizes)
-    loads = [sum(sizes[k] for k in s) for s in shares]
-    assert max(loads) - min(loads) <= 1
-    assert split_by_size(sizes, 1) == [list(sizes)]
 
 
 def test_two_processes_equal_one_bitwise(tmp_path, tmp_path_factory):

@@ -33,7 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from fusion_bench_tsv.atomic import write_atomic, write_dir_atomic  # noqa: E402
+from fusion_bench_tsv.io.atomic import write_atomic, write_dir_atomic  # noqa: E402
 
 FUSION_BENCH_VERSION = "0.2.33"
 #: SHA-256 of fusion_bench-0.2.33.tar.gz as the registry serves it (pip verified it against the index's hash)
@@ -57,22 +57,13 @@ class Skip:
 #: are rewritten from these destinations, so any layout works as long as each package keeps its modules
 #: under their own names.
 PLACEMENT: Dict[str, Union[str, Skip]] = {
-    # --- the method: pure math, readers/streaming, atomic writers, the three algorithms
+    # --- the method: pure math (functional), reading and writing (io), how the work runs (runtime), the
+    # three algorithms (methods); the layers keep their names under fusion_bench/method/tsv/
     "fusion_bench_tsv/__init__.py": "fusion_bench/method/tsv/__init__.py",  # generated: see eager_init()
     "fusion_bench_tsv/functional/": "fusion_bench/method/tsv/functional/",
-    "fusion_bench_tsv/atomic.py": "fusion_bench/method/tsv/atomic.py",
-    "fusion_bench_tsv/compressed_checkpoint.py": "fusion_bench/method/tsv/compressed_checkpoint.py",
-    "fusion_bench_tsv/hf_checkpoint.py": "fusion_bench/method/tsv/hf_checkpoint.py",
-    "fusion_bench_tsv/parallel.py": "fusion_bench/method/tsv/parallel.py",
-    "fusion_bench_tsv/paths.py": "fusion_bench/method/tsv/paths.py",
-    "fusion_bench_tsv/plots.py": "fusion_bench/method/tsv/plots.py",
-    "fusion_bench_tsv/routed_eval.py": "fusion_bench/method/tsv/routed_eval.py",
-    "fusion_bench_tsv/safetensors_state.py": "fusion_bench/method/tsv/safetensors_state.py",
-    "fusion_bench_tsv/sharding.py": "fusion_bench/method/tsv/sharding.py",
-    "fusion_bench_tsv/streaming.py": "fusion_bench/method/tsv/streaming.py",
-    "fusion_bench_tsv/sti.py": "fusion_bench/method/tsv/sti.py",
-    "fusion_bench_tsv/tsv_compress.py": "fusion_bench/method/tsv/tsv_compress.py",
-    "fusion_bench_tsv/tsv_merge.py": "fusion_bench/method/tsv/tsv_merge.py",
+    "fusion_bench_tsv/io/": "fusion_bench/method/tsv/io/",
+    "fusion_bench_tsv/runtime/": "fusion_bench/method/tsv/runtime/",
+    "fusion_bench_tsv/methods/": "fusion_bench/method/tsv/methods/",
     "config/method/tsv/": "config/method/tsv/",
     # --- written for the PR (FusionBench's unittest style, its docs); rewritten like the package
     "upstream/src/tests/test_tsv.py": "tests/test_tsv.py",
@@ -83,9 +74,6 @@ PLACEMENT: Dict[str, Union[str, Skip]] = {
         "those modules, not in this method"
     ),
     "fusion_bench_tsv/benchmark/": Skip("the offline tiny-CLIP benchmark (models and data built locally)"),
-    "fusion_bench_tsv/synthetic.py": Skip("synthetic pools for this repository's tests and benchmarks"),
-    "fusion_bench_tsv/tiny_clip.py": Skip("the tiny CLIP of the offline benchmark"),
-    "fusion_bench_tsv/local_data.py": Skip("datasets of the offline benchmark"),
     "config/modelpool/": Skip("pools of the offline tiny-CLIP benchmark"),
     "config/taskpool/": Skip("task pools of the offline tiny-CLIP benchmark"),
 }
@@ -101,10 +89,17 @@ KEEP_LITERALLY = ['"fusion_bench_tsv/tsv_c"']
 #: Each pattern must match; one that no longer does stops the generator, naming it.
 SUBSTITUTIONS: List[Tuple[str, str, str, str]] = [
     (
-        "fusion_bench_tsv/streaming.py",
+        "fusion_bench_tsv/io/modelpool.py",
         r"^OFFLINE_BENCHMARK_HINT = \(\n.*?\n\)$",
         'OFFLINE_BENCHMARK_HINT = "Without network, point the modelpool at local checkpoint directories"',
         "the offline benchmark and its build command are not contributed",
+    ),
+    (
+        "fusion_bench_tsv/io/modelpool.py",
+        r"^def offline_benchmark_hint\(path: str, num_tasks: int\) -> str:\n.*?\n(?=\n\n)",
+        'def offline_benchmark_hint(path: str, num_tasks: int) -> str:\n    """No hint: the offline benchmark is not '
+        'part of FusionBench."""\n    return ""',
+        "the offline benchmark's build command (and its package) are not contributed",
     ),
     (
         "*",
@@ -136,12 +131,12 @@ UPSTREAM_EDITS: List[Tuple[str, str, str]] = [
 #: Files of FusionBench 0.2.33 replaced as a whole (its stubs that now have a working implementation).
 UPSTREAM_REPLACEMENTS: Dict[str, str] = {
     "fusion_bench/method/task_singular_vector/TSVC.py": '''\
-"""Task Singular Vector Compression (TSV-C): implemented by :mod:`fusion_bench.method.{group}.tsv_compress`.
+"""Task Singular Vector Compression (TSV-C): implemented by :mod:`fusion_bench.method.{group}.methods.tsv_compress`.
 
 This module used to hold a stub whose ``run`` raised ``NotImplementedError``; the name is kept for imports.
 """
 
-from ..{group}.tsv_compress import TSVCompressAlgorithm as TaskSingularVectorCompression
+from ..{group}.methods.tsv_compress import TSVCompressAlgorithm as TaskSingularVectorCompression
 
 __all__ = ["TaskSingularVectorCompression"]
 ''',

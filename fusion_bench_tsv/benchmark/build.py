@@ -4,7 +4,7 @@ Layout under ``<root>/tiny_clip`` (``root``: ``--root``, else ``$FUSION_BENCH_TS
 ``~/.cache/fusion_bench_tsv``), which the YAML configs in ``config/*/…/tiny_clip_{8,14,20}.yaml`` read:
 
 - ``pretrained/``: the contrastively pretrained ``CLIPModel`` with tokenizer and image processor;
-- ``data/<task>/{train,validation,test}.parquet`` + ``classes.json`` (see :mod:`fusion_bench_tsv.local_data`);
+- ``data/<task>/{train,validation,test}.parquet`` + ``classes.json`` (see :mod:`fusion_bench_tsv.benchmark.local_data`);
 - ``models/<task>/``: the fine-tuned ``CLIPVisionModel`` of each task (``save_pretrained``);
 - ``openclip/``: the same models in the open_clip task-vector layout, as safetensors (:mod:`.openclip_export`);
 - ``build.json``: the settings and the accuracies measured while building.
@@ -14,7 +14,7 @@ stamp matches is reused, so building 20 tasks after 8 only adds 12; a change of 
 touches. Training is seeded and single-threaded, so the same settings give bit-identical weights with the
 same torch build on the same kind of CPU; another torch version gives (slightly) different weights. Every stage
 is written into a temporary directory and moved into place atomically
-(:func:`~fusion_bench_tsv.atomic.write_dir_atomic`), so an interrupted build leaves no partial artefact.
+(:func:`~fusion_bench_tsv.io.atomic.write_dir_atomic`), so an interrupted build leaves no partial artefact.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..atomic import write_atomic, write_dir_atomic
+from ..io.atomic import write_atomic, write_dir_atomic
 
 __all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "main"]
 
@@ -115,6 +115,7 @@ def _seed(settings: BuildSettings, *parts: str) -> int:
     return int(hashlib.sha256("/".join([str(settings.seed), *parts]).encode()).hexdigest()[:8], 16)
 
 
+# longer than ~60 lines: the build's steps in order (pretrain, tasks, fine-tunes, exports), each a call
 def build_benchmark(
     num_tasks: int = 20,
     root: Optional[os.PathLike] = None,
@@ -128,8 +129,8 @@ def build_benchmark(
     from tqdm.auto import tqdm
     from transformers import CLIPModel, CLIPProcessor
 
-    from ..local_data import save_task_dataset
-    from ..tiny_clip import clip_tokenizer, make_tiny_clip, save_clip
+    from .local_data import save_task_dataset
+    from .tiny_clip import clip_tokenizer, make_tiny_clip, save_clip
     from .finetune import accuracy, finetune_vision_tower, zero_shot_head
     from .pretrain import pretrain_clip
     from .tasks import TASKS, make_split

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
-from ..atomic import write_atomic
+from ..io.atomic import write_atomic
 
-__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "modelpool_config", "clip_taskpool_config", "taskpool_config",
+__all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "clip_modelpool_config", "modelpool_config", "write_config", "clip_taskpool_config", "taskpool_config",
            "openclip_heads_config", "openclip_modelpool_config", "openclip_taskpool_config", "write_suite_configs"]
 
 # resolved by OmegaConf when FusionBench composes the config. It is spelled out in every path: a helper key
@@ -35,26 +35,31 @@ _HEADER = """\
 """
 
 
-def modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
-    """``CLIPVisionModelPool`` of ``<suite_dir>/pretrained`` and ``<suite_dir>/models/<task>``."""
+def clip_modelpool_config(pretrained: str, models: Mapping[str, str]) -> dict:
+    """``CLIPVisionModelPool`` of the checkpoint directories ``pretrained`` and ``models`` (task -> directory)."""
     return {
         "_target_": "fusion_bench.modelpool.CLIPVisionModelPool",
         "_recursive_": False,
-        "processor": f"{suite_dir}/pretrained",
-        "models": {"_pretrained_": f"{suite_dir}/pretrained", **{t: f"{suite_dir}/models/{t}" for t in tasks}},
+        "processor": str(pretrained),
+        "models": {"_pretrained_": str(pretrained), **{t: str(p) for t, p in models.items()}},
         "platform": "hf",
     }
+
+
+def modelpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUITE_DIR) -> dict:
+    """``CLIPVisionModelPool`` of ``<suite_dir>/pretrained`` and ``<suite_dir>/models/<task>``."""
+    return clip_modelpool_config(f"{suite_dir}/pretrained", {t: f"{suite_dir}/models/{t}" for t in tasks})
 
 
 def clip_taskpool_config(tasks: Sequence[str], data_root: str, clip_model: str, split: str = "test",
                          batch_size: int = 200) -> dict:
     """``CLIPVisionModelTaskPool`` on the local datasets ``<data_root>/<task>`` (see
-    :mod:`fusion_bench_tsv.local_data`), with zero-shot heads from the ``CLIPModel`` saved at ``clip_model``."""
+    :mod:`fusion_bench_tsv.benchmark.local_data`), with zero-shot heads from the ``CLIPModel`` saved at ``clip_model``."""
     return {
         "_target_": "fusion_bench.taskpool.CLIPVisionModelTaskPool",
         "_recursive_": False,
         "test_datasets": {
-            t: {"_target_": "fusion_bench_tsv.local_data.load_task_dataset", "root": str(data_root),
+            t: {"_target_": "fusion_bench_tsv.benchmark.local_data.load_task_dataset", "root": str(data_root),
                 "task": t, "split": split}
             for t in tasks
         },
@@ -105,7 +110,8 @@ def openclip_taskpool_config(tasks: Sequence[str], suite_dir: str = DEFAULT_SUIT
     }
 
 
-def _write(path: Path, header: str, cfg: dict) -> None:
+def write_config(path: Path, header: str, cfg: dict) -> None:
+    """Write ``cfg`` as YAML after the comment lines ``header``, atomically."""
     import yaml
 
     write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=120)))
@@ -121,18 +127,18 @@ def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_
     for n in sizes:
         tasks = TASK_NAMES[:n]
         header = _HEADER.format(n=n, tasks=", ".join(tasks))
-        _write(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}_{n}.yaml", header,
+        write_config(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}_{n}.yaml", header,
                modelpool_config(tasks, suite_dir))
-        _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}.yaml", header,
+        write_config(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}.yaml", header,
                taskpool_config(tasks, suite_dir))
-        _write(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}_val.yaml",
+        write_config(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}_val.yaml",
                header.replace("# The paths", "# Validation splits (for choosing alpha).\n# The paths"),
                taskpool_config(tasks, suite_dir, split="validation"))
         oc_header = header.replace("CLIPVisionModel", "OpenCLIPVisionModel").replace(
             "# The paths", "# The open_clip task-vector layout (<build directory>/openclip).\n# The paths")
-        _write(config_dir / "modelpool" / "OpenCLIPVisionModelPool" / f"{name}_{n}.yaml", oc_header,
+        write_config(config_dir / "modelpool" / "OpenCLIPVisionModelPool" / f"{name}_{n}.yaml", oc_header,
                openclip_modelpool_config(tasks, suite_dir))
-        _write(config_dir / "taskpool" / "OpenCLIPVisionModelTaskPool" / f"{name}_{n}.yaml", oc_header,
+        write_config(config_dir / "taskpool" / "OpenCLIPVisionModelTaskPool" / f"{name}_{n}.yaml", oc_header,
                openclip_taskpool_config(tasks, suite_dir))
 
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..atomic import write_atomic, write_dir_atomic
+from ..io.atomic import write_atomic, write_dir_atomic
 
 __all__ = [
     "LoraSettings",

@@ -23,8 +23,8 @@ from typing import Any, Dict
 
 import torch
 
-from ..atomic import write_atomic
-from ..safetensors_state import CheckpointError
+from ..io.atomic import write_atomic
+from ..io.safetensors_state import CheckpointError
 
 __all__ = [
     "hf_to_open_clip_visual",

@@ -26,14 +26,17 @@ from .interference import (
 from .merge import tsv_merge_factors, tsv_merge_matrix
 from .rank import STORAGE_NOISE_FACTOR, numerical_rank, rank_threshold, roundoff_floor, storage_noise_floor
 from .svd import (
+    DEFAULT_SVD_METHOD,
     GRAM_COND_LIMIT,
     SVD_METHODS,
     SVDFactors,
+    check_svd_method,
     compute_dtype,
     concat_factors,
     default_rank,
     eigh_top,
     inv_sqrt_gram,
+    orthogonalization_method,
     orthogonalize,
     truncated_svd,
 )
@@ -42,8 +45,10 @@ __all__ = [
     "SVDFactors",
     "check_rank_options",
     "compress_matrix",
+    "check_svd_method",
     "compute_dtype",
     "concat_factors",
+    "DEFAULT_SVD_METHOD",
     "default_rank",
     "eigh_top",
     "energy_rank",
@@ -54,6 +59,7 @@ __all__ = [
     "layer_rank",
     "mean_pairwise_cosine",
     "numerical_rank",
+    "orthogonalization_method",
     "orthogonalize",
     "pairwise_singular_task_interference",
     "pairwise_sti_from_factors",

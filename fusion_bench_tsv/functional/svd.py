@@ -26,12 +26,33 @@ __all__ = [
     "gram",
     "eigh_top",
     "SVD_METHODS",
+    "DEFAULT_SVD_METHOD",
+    "check_svd_method",
+    "orthogonalization_method",
 ]
 
 #: ``truncated_svd`` methods: ``"svd"`` full LAPACK SVD (reference), ``"gram"`` eigendecomposition of
 #: the smaller Gram matrix in float64 (exact to float32 round-off, faster), ``"randomized"``
 #: randomized subspace iteration (approximate; never a default).
 SVD_METHODS = ("svd", "gram", "randomized")
+
+#: The default SVD method of TSV-M: of :func:`~.merge.tsv_merge_matrix`, :func:`~.merge.tsv_merge_factors` and
+#: the ``svd_method`` option (float64, exact to float32 round-off, fastest). The building blocks
+#: :func:`truncated_svd` and :func:`orthogonalize` default to ``"svd"``, the reference they are checked against.
+DEFAULT_SVD_METHOD = "gram"
+
+
+def check_svd_method(method: str) -> str:
+    """``method`` when it is one of :data:`SVD_METHODS`, else a ``ValueError`` listing them."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; expected one of {SVD_METHODS}")
+    return method
+
+
+def orthogonalization_method(method: str) -> str:
+    """The orthogonalization that goes with a truncated-SVD ``method``: ``"svd"`` (polar factor from the
+    SVD, FusionBench's numerics) for ``"svd"``, the float64 Gram whitening for the others."""
+    return "svd" if check_svd_method(method) == "svd" else "gram"
 
 #: Largest condition number of a Gram matrix ``AᵀA`` that the Gram (whitening) paths accept in float64;
 #: above it they fall back to the SVD. cond(AᵀA) = cond(A)², so this is cond(A) <= 1e5.
@@ -67,6 +88,7 @@ def _check_matrix(delta: Tensor, name: str = "delta") -> None:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(delta.shape)}")
 
 
+# over ~60 lines only by its docstring (one entry per argument)
 def truncated_svd(
     delta: Tensor,
     k: int,
@@ -88,7 +110,7 @@ def truncated_svd(
     Args:
         delta: an ``m × n`` matrix.
         k: number of triplets, ``1 <= k <= min(m, n)``.
-        method: ``"svd"`` (default): full LAPACK SVD, then the top k. ``"gram"``: eigendecomposition
+        method: ``"svd"`` (default here: the exact reference): full LAPACK SVD, then the top k. ``"gram"``: eigendecomposition
             of the smaller Gram matrix :math:`G = \Delta^\top\Delta` (or :math:`\Delta\Delta^\top`)
             formed and decomposed in float64, :math:`G = V \Lambda V^\top`, :math:`\sigma = \sqrt{\lambda}`,
             :math:`U = \Delta V \Sigma^{-1}` (exact: float64 keeps the squared condition number
@@ -111,8 +133,7 @@ def truncated_svd(
     r = min(delta.shape)
     if not 1 <= k <= r:
         raise ValueError(f"rank k={k} is out of range for a {tuple(delta.shape)} matrix (1 <= k <= {r})")
-    if method not in SVD_METHODS:
-        raise ValueError(f"unknown truncated_svd method {method!r}; expected one of {SVD_METHODS}")
+    check_svd_method(method)
     work = delta.to(compute_dtype(delta.dtype))
     kept = _rank_rule(delta.shape, work.dtype, rank_revealing, storage_dtype, weight_rms)
     out = None
@@ -249,19 +270,18 @@ def orthogonalize(a: Tensor, method: str = "svd") -> Tensor:
     :math:`P Q^\top`, which equals the whitening :math:`A (A^\top A)^{-1/2}` when :math:`A^\top A`
     is invertible (Gargiulo et al. 2025, Sec. 4).
 
-    ``method="gram"`` computes the whitening form from the small Gram matrix in float64
-    (:func:`inv_sqrt_gram`) and falls back to the SVD when the Gram matrix is singular or
-    ill-conditioned (condition number above ``GRAM_COND_LIMIT``).
+    ``method`` is an SVD method (:func:`orthogonalization_method`): ``"svd"`` takes the SVD; the others
+    compute the whitening form from the small Gram matrix in float64 (:func:`inv_sqrt_gram`) and fall
+    back to the SVD when the Gram matrix is singular or ill-conditioned (condition number above
+    ``GRAM_COND_LIMIT``).
     """
     _check_matrix(a, "a")
-    if method == "gram":
+    if orthogonalization_method(method) == "gram":
         wide = a.shape[0] < a.shape[1]
         w = inv_sqrt_gram(a.T if wide else a)
         if w is not None:
             x = a.to(torch.float64)
             return ((w @ x) if wide else (x @ w)).to(a.dtype)
-    elif method != "svd":
-        raise ValueError(f"unknown orthogonalize method {method!r}; expected 'svd' or 'gram'")
     P, _, Qh = torch.linalg.svd(a, full_matrices=False)
     return P @ Qh
 

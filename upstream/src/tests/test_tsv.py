@@ -180,7 +180,7 @@ class TestSTI(unittest.TestCase):
         models = make_models()
         _, deltas = task_deltas(models)
         with tempfile.TemporaryDirectory() as out:
-            STIAnalysis(output_dir=out, device="cpu", show_pbar=False).run({k: deepcopy(v) for k, v in models.items()})
+            STIAnalysis(save_path=out, device="cpu", show_pbar=False).run({k: deepcopy(v) for k, v in models.items()})
             layers = {row["layer"]: row for row in json.loads((Path(out) / "sti.json").read_text())["layers"]}
         self.assertEqual(sorted(layers), ["fc1.weight", "fc2.weight"])
         for key, row in layers.items():

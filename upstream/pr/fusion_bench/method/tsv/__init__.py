@@ -4,6 +4,6 @@ Streaming implementations: one fine-tuned model (or one layer) in memory at a ti
 """
 
 # flake8: noqa F401
-from .sti import STIAnalysis
-from .tsv_compress import TSVCompressAlgorithm
-from .tsv_merge import TSVMergeAlgorithm
+from .methods.sti import STIAnalysis
+from .methods.tsv_compress import TSVCompressAlgorithm
+from .methods.tsv_merge import TSVMergeAlgorithm

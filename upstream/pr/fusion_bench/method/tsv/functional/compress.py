@@ -111,20 +111,32 @@ def layer_rank(
     return default_rank(shape, num_tasks)
 
 
-def compress_matrix(delta: Tensor, k: Optional[int] = None, *, energy: Optional[float] = None) -> SVDFactors:
+def compress_matrix(
+    delta: Tensor,
+    k: Optional[int] = None,
+    *,
+    energy: Optional[float] = None,
+    rank_revealing: bool = True,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
+) -> SVDFactors:
     r"""Compress one task update to its top-k singular triplets :math:`(U_k, \Sigma_k, V_k^\top)`.
 
     This is :func:`truncated_svd` (the same decomposition TSV-M uses); with ``energy`` instead of
     ``k``, k is the smallest rank keeping that share of :math:`\sum \sigma^2` (:func:`energy_rank`),
-    read off the same decomposition. Exactly one of ``k`` and ``energy`` is given.
+    read off the same decomposition. Exactly one of ``k`` and ``energy`` is given. With
+    ``rank_revealing`` (default) no more than the numerical rank of ``delta`` is kept (the triplets
+    dropped have σ at round-off or storage-noise level: ``storage_dtype``/``weight_rms``, see :mod:`.rank`),
+    so the result may have fewer than ``k`` triplets.
     """
     if (k is None) == (energy is None):
         raise ValueError("compress_matrix needs exactly one of 'k' and 'energy'")
+    options = dict(rank_revealing=rank_revealing, storage_dtype=storage_dtype, weight_rms=weight_rms)
     if k is not None:
-        return truncated_svd(delta, k)
+        return truncated_svd(delta, k, **options)
     if delta.dim() != 2:
         raise ValueError(f"delta must be a 2-D matrix, got shape {tuple(delta.shape)}")
-    full = truncated_svd(delta, min(delta.shape))
+    full = truncated_svd(delta, min(delta.shape), **options)
     k = energy_rank(full.S, energy)
     return SVDFactors(full.U[:, :k], full.S[:k], full.Vh[:k, :])
 

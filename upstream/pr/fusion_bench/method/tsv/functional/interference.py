@@ -11,16 +11,16 @@ of the ``Tk × Tk`` matrix). It is 0 when the singular vectors of different task
 orthogonal, and TSV-M drives it to (numerically) 0 by replacing U and V with their nearest
 orthonormal matrices whenever ``Tk <= min(m, n)``.
 
-If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors (σ = 0) are an
-arbitrary basis of the null space and still enter :math:`U^\top U - I` against the other tasks,
-so STI then depends on that arbitrary choice (and e.g. on the SVD backend).
+If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors (σ ≈ 0) are an
+arbitrary basis of the null space. Their σ ≈ 0 keeps them out of the product itself, but they enter
+the orthogonalization of the decorrelated STI (as of TSV-M); the factors of :func:`task_factors` are rank-revealing by default, which drops them (:mod:`.rank`).
 
 Pure torch: no models, no I/O.
 """
 
 from __future__ import annotations
 
-from itertools import combinations
+from itertools import combinations_with_replacement
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -45,11 +45,19 @@ def _check_tasks(num_tasks: int, what: str) -> None:
         raise ValueError(f"{what} needs at least 2 tasks to measure interference, got {num_tasks}")
 
 
-def task_factors(deltas: Sequence[Tensor], k: Optional[int] = None) -> list[SVDFactors]:
+def task_factors(
+    deltas: Sequence[Tensor],
+    k: Optional[int] = None,
+    *,
+    rank_revealing: bool = True,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
+) -> list[SVDFactors]:
     """Validate per-task matrices and return their top-``k`` factors in the compute dtype.
 
     ``k=None`` is :func:`default_rank` (``floor(min(m, n) / T)``, at least 1); ``k = min(m, n)``
-    is the full rank. Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes or an
+    is the full rank. With ``rank_revealing`` (default) a task keeps at most its numerical rank
+    (:func:`truncated_svd`). Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes or an
     out-of-range ``k``.
     """
     _check_tasks(len(deltas), "STI")
@@ -62,13 +70,17 @@ def task_factors(deltas: Sequence[Tensor], k: Optional[int] = None) -> list[SVDF
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r:
         raise ValueError(f"k={k!r} is out of range for {tuple(shape)} task matrices: need 1 <= k <= rank {r}")
     work = compute_dtype(deltas[0].dtype)
-    return [truncated_svd(d.to(work), k) for d in deltas]
+    return [
+        truncated_svd(d.to(work), k, rank_revealing=rank_revealing, storage_dtype=storage_dtype, weight_rms=weight_rms)
+        for d in deltas
+    ]
 
 
 def truncate_factors(factors: SVDFactors, k: int) -> SVDFactors:
-    """The top-``k`` triplets of factors already sorted by decreasing singular value."""
-    if not 1 <= k <= factors.S.numel():
-        raise ValueError(f"k={k} is out of range for factors of rank {factors.S.numel()}")
+    """The top-``k`` triplets of factors already sorted by decreasing singular value; all of them
+    when there are fewer than ``k`` (factors that rank revealing cut at the numerical rank)."""
+    if k < 1:
+        raise ValueError(f"k={k} is out of range for factors: need k >= 1")
     return SVDFactors(factors.U[:, :k], factors.S[:k], factors.Vh[:k, :])
 
 
@@ -90,7 +102,11 @@ def _interference_parts(factors: Sequence[SVDFactors], decorrelate: bool) -> Tup
 
 
 def sti_from_factors(
-    factors: Sequence[SVDFactors], *, normalized: bool = False, decorrelate: bool = False
+    factors: Sequence[SVDFactors],
+    *,
+    normalized: bool = False,
+    decorrelate: bool = False,
+    max_bytes: Optional[int] = None,
 ) -> Tensor:
     r"""STI :math:`\lVert (U^\top U - I)\Sigma(V^\top V - I)\rVert_1` (entrywise) of per-task factors.
 
@@ -100,6 +116,9 @@ def sti_from_factors(
             all kept singular values), so that layers of different sizes and scales compare.
         decorrelate: measure it after TSV-M's decorrelation, with :math:`U_\perp`, :math:`V_\perp`
             (orthogonal Procrustes) instead of U, V. This is ≈ 0 when ``Tk <= min(m, n)``.
+        max_bytes: bound on the temporaries of the ``p × p`` product (``p = Σk``), which is never formed
+            whole: it is summed over blocks of rows, each at most ``max_bytes`` (at least one row);
+            ``None``: blocks of at most ``max(m, n)`` rows (temporaries about three times the factors).
 
     Returns:
         A 0-d tensor in the factors' dtype.
@@ -108,19 +127,41 @@ def sti_from_factors(
     U, S, Vh = concat_factors(factors)
     if decorrelate:
         U, Vh = orthogonalize(U), orthogonalize(Vh)
-    (m, p), n = U.shape, Vh.shape[1]
-    if p > max(m, n):
-        # (UᵀU − I)Σ(VᵀV − I) = Uᵀ(UΣVᵀ)V − UᵀUΣ − ΣVᵀV + Σ costs p·m·n + p²·n instead of p³. Used
-        # only here (e.g. full rank), where p > min(m, n) keeps STI of the order of Σ: no cancellation.
-        gu, gv = U.T @ U, Vh @ Vh.T
-        prod = (U.T @ ((U * S) @ Vh)) @ Vh.T
-        prod -= gu * S[None, :] + S[:, None] * gv
-        prod.diagonal().add_(S)
-    else:
-        X, Y = _gram_minus_identity(U), _gram_minus_identity(Vh.T)
-        prod = (X * S) @ Y
-    sti = prod.abs().sum()
+    sti = _blocked_sti(U, S, Vh.T, max_bytes)
     return sti / S.abs().sum() if normalized else sti
+
+
+def _blocked_sti(U: Tensor, S: Tensor, V: Tensor, max_bytes: Optional[int]) -> Tensor:
+    r""":math:`\lVert (U^\top U - I)\Sigma(V^\top V - I)\rVert_1` summed over row blocks ``R`` of the product.
+
+    ``(XΣY)ᵀ = YΣX`` has the same norm, so the rows are taken from the Gram matrix of the taller factor ``A``
+    (formed once per row) and the other factor ``B`` is applied twice. When ``p <= max(m, n)`` (rank k) a block
+    is ``X_R Σ (BᵀB − I) = ((X_R Σ) Bᵀ) B − X_R Σ`` with ``X_R = A_Rᵀ A − I_R``: ``X_R`` is formed directly, so
+    after decorrelation (X ≈ 0) nothing large cancels. When ``p > max(m, n)`` (e.g. full rank) it is
+    ``A_Rᵀ W − Σ_R B_Rᵀ B + Σ_R I_R`` with ``W = A Σ BᵀB − A Σ`` (``m × p``, once): a third fewer products, and
+    the result is of the order of Σ, so no cancellation either.
+    """
+    A, B = (U, V) if U.shape[0] >= V.shape[0] else (V, U)
+    (a, p), b = A.shape, B.shape[0]
+    wide = p > a
+    W = ((A * S) @ B.T) @ B - A * S if wide else None
+    per_row = (2 * p + (0 if wide else b)) * A.element_size()  # bytes of one row of the block's temporaries
+    rows = min(p, a) if max_bytes is None else max(1, min(p, max_bytes // per_row))
+    total = torch.zeros((), dtype=A.dtype, device=A.device)
+    for start in range(0, p, rows):
+        R = slice(start, min(start + rows, p))
+        if wide:
+            block = A[:, R].T @ W
+            block -= S[R, None] * (B[:, R].T @ B)
+            block[:, R].diagonal().add_(S[R])
+        else:
+            x = A[:, R].T @ A
+            x[:, R].diagonal().sub_(1)
+            x *= S
+            block = (x @ B.T) @ B
+            block -= x
+        total += block.abs().sum()
+    return total
 
 
 def pairwise_sti_from_factors(
@@ -133,26 +174,34 @@ def pairwise_sti_from_factors(
     by definition (a task does not interfere with itself). ``normalized`` divides entry ``(i, j)``
     by :math:`\lVert\Sigma_i\rVert_1 + \lVert\Sigma_j\rVert_1`.
 
-    Computed from one pair of Gram matrices of all T tasks, whose blocks the pairs share.
+    Each pair's Gram matrices are assembled from the tasks' own blocks ``U_iᵀU_i − I`` (formed once) and the
+    pair's cross block ``U_iᵀU_j``: memory of the order of one pair, whatever T is.
     """
     T = len(factors)
     _check_tasks(T, "pairwise STI")
     if not decorrelate:
-        X, S, Y = _interference_parts(factors, False)
-        offsets = [0]
-        for f in factors:
-            offsets.append(offsets[-1] + f.S.numel())
-        blocks = [torch.arange(a, b, device=S.device) for a, b in zip(offsets[:-1], offsets[1:])]
-    out = torch.zeros(T, T, dtype=factors[0].S.dtype, device=factors[0].S.device)
-    for i, j in combinations(range(T), 2):
+        own_u = [_gram_minus_identity(f.U) for f in factors]
+        own_v = [_gram_minus_identity(f.Vh.T) for f in factors]
+
+    def entry(i: int, j: int):
+        if i == j:
+            return 0.0
         if decorrelate:  # the pair's own decorrelation, not a sub-block of the T-task one
             Xp, Sp, Yp = _interference_parts([factors[i], factors[j]], True)
         else:
-            idx = torch.cat([blocks[i], blocks[j]])
-            Xp, Sp, Yp = X[idx][:, idx], S[idx], Y[idx][:, idx]
+            fi, fj = factors[i], factors[j]
+            Xp = _pair_gram(own_u[i], fi.U.T @ fj.U, own_u[j])
+            Yp = _pair_gram(own_v[i], fi.Vh @ fj.Vh.T, own_v[j])
+            Sp = torch.cat([fi.S, fj.S])
         value = ((Xp * Sp) @ Yp).abs().sum()
-        out[i, j] = out[j, i] = value / Sp.abs().sum() if normalized else value
-    return out
+        return value / Sp.abs().sum() if normalized else value
+
+    return _symmetric(T, entry, factors[0].S)
+
+
+def _pair_gram(own_i: Tensor, cross: Tensor, own_j: Tensor) -> Tensor:
+    """The symmetric two-task matrix ``[[G_ii, G_ij], [G_ijᵀ, G_jj]]`` from its blocks."""
+    return torch.cat([torch.cat([own_i, cross], dim=1), torch.cat([cross.T, own_j], dim=1)])
 
 
 def singular_task_interference(
@@ -197,24 +246,26 @@ def task_cosine_similarity(factors: Sequence[SVDFactors | Tensor]) -> Tensor:
     vectors of the layer. A task with a zero update has cosine 0 with every task.
     """
     if isinstance(factors[0], Tensor):
-        flat = torch.stack([d.reshape(-1).to(compute_dtype(d.dtype)) for d in factors])
-        gram = flat @ flat.T
+        flat = [d.reshape(-1).to(compute_dtype(d.dtype)) for d in factors]  # views: no T × mn copy
+        gram = _symmetric(len(flat), lambda i, j: flat[i] @ flat[j], flat[0])
     else:
-        gram = _factor_gram(factors)
+        gram = _symmetric(len(factors), lambda i, j: _factor_inner(factors[i], factors[j]), factors[0].S)
     norms = gram.diagonal().clamp_min(0).sqrt()
     denom = norms[:, None] * norms[None, :]
     return torch.where(denom > 0, gram / denom.clamp_min(torch.finfo(gram.dtype).tiny), torch.zeros_like(gram))
 
 
-def _factor_gram(factors: Sequence[SVDFactors]) -> Tensor:
-    """``T × T`` Frobenius inner products of the tasks' ``U_i Σ_i V_iᵀ`` from their factors."""
-    U, S, Vh = concat_factors(factors)
-    inner = (U.T @ U) * (Vh @ Vh.T) * S[:, None] * S[None, :]
-    sizes = torch.tensor([f.S.numel() for f in factors])
-    # sum the Tk × Tk entries into T × T task blocks
-    owner = torch.repeat_interleave(torch.arange(len(factors)), sizes).to(U.device)
-    onehot = torch.nn.functional.one_hot(owner, len(factors)).to(inner.dtype)
-    return onehot.T @ inner @ onehot
+def _symmetric(T: int, entry, like: Tensor) -> Tensor:
+    """The symmetric ``T × T`` matrix of ``entry(i, j)`` for ``i <= j`` (one pair in memory at a time)."""
+    out = torch.empty(T, T, dtype=like.dtype, device=like.device)
+    for i, j in combinations_with_replacement(range(T), 2):
+        out[i, j] = out[j, i] = entry(i, j)
+    return out
+
+
+def _factor_inner(a: SVDFactors, b: SVDFactors) -> Tensor:
+    """Frobenius inner product of ``U_a Σ_a V_aᵀ`` and ``U_b Σ_b V_bᵀ`` from their factors."""
+    return ((a.U.T @ b.U) * (a.Vh @ b.Vh.T) * a.S[:, None] * b.S[None, :]).sum()
 
 
 def mean_pairwise_cosine(similarity: Tensor) -> Tensor:

@@ -2,43 +2,70 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .svd import SVDFactors, compute_dtype, concat_factors, default_rank, inv_sqrt_gram, orthogonalize, truncated_svd
+from .svd import (
+    DEFAULT_SVD_METHOD,
+    SVDFactors,
+    compute_dtype,
+    concat_factors,
+    default_rank,
+    inv_sqrt_gram,
+    orthogonalization_method,
+    orthogonalize,
+    truncated_svd,
+)
 
 __all__ = ["tsv_merge_factors", "tsv_merge_matrix"]
 
 
-def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = "svd") -> Tensor:
+def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = DEFAULT_SVD_METHOD) -> Tensor:
     r"""Merge per-task low-rank factors into one update :math:`M = U_\perp \Sigma V_\perp^\top`.
 
     :math:`U = [U_1 \dots U_T]` and :math:`V = [V_1 \dots V_T]` are replaced by their nearest
     orthonormal matrices (:func:`orthogonalize`), :math:`\Sigma = \mathrm{blockdiag}(\Sigma_i)`.
     The result is computed in the factors' dtype (pass float32/float64 factors) and is not scaled by α.
 
-    ``method="gram"`` never forms :math:`U_\perp` or :math:`V_\perp`: with the whitening identity
+    ``method`` is the SVD method the factors came from (:func:`~.svd.orthogonalization_method`). ``"svd"``
+    takes the polar factors from SVDs; ``"gram"`` and ``"randomized"`` never form :math:`U_\perp` or :math:`V_\perp`: with the whitening identity
     :math:`U_\perp = U (U^\top U)^{-1/2}` it solves two :math:`Tk \times Tk` eigenproblems in float64
     and returns :math:`U \,[(U^\top U)^{-1/2} \Sigma (V^\top V)^{-1/2}]\, V^\top`; it falls back to the
     SVD path when :math:`U^\top U` or :math:`V^\top V` is singular or ill-conditioned (e.g. ``Tk > min(m, n)``).
+
+    Triplets with σ = 0 exactly (what :func:`truncated_svd` keeps of a zero update) are left out: their
+    singular vectors are arbitrary and would still enter the orthogonalization.
     """
-    if method not in ("svd", "gram"):
-        raise ValueError(f"unknown tsv_merge_factors method {method!r}; expected 'svd' or 'gram'")
+    gram_path = orthogonalization_method(method) == "gram"
     U, S, Vh = concat_factors(factors)
-    if method == "gram":
+    nonzero = S != 0
+    if not bool(nonzero.all()):  # σ = 0 (a zero update): its vectors are arbitrary and add nothing to Σ
+        if not bool(nonzero.any()):
+            return U.new_zeros(U.shape[0], Vh.shape[1])
+        U, S, Vh = U[:, nonzero], S[nonzero], Vh[nonzero, :]
+    if gram_path:
         w_u = inv_sqrt_gram(U)
         w_v = inv_sqrt_gram(Vh.T) if w_u is not None else None
         if w_v is not None:
             core = (w_u * S.to(torch.float64)) @ w_v  # (UᵀU)^(-1/2) Σ (VᵀV)^(-1/2), Tk × Tk
             return U @ (core.to(Vh.dtype) @ Vh)
-    U_perp = orthogonalize(U)
-    Vh_perp = orthogonalize(Vh)
+    U_perp = orthogonalize(U, "svd")
+    Vh_perp = orthogonalize(Vh, "svd")
     return (U_perp * S) @ Vh_perp
 
 
-def tsv_merge_matrix(deltas: Sequence[Tensor], k: Optional[int] = None, method: str = "svd") -> Tensor:
+def tsv_merge_matrix(
+    deltas: Sequence[Tensor],
+    k: Optional[int] = None,
+    method: str = DEFAULT_SVD_METHOD,
+    *,
+    rank_revealing: bool = True,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
+    return_ranks: bool = False,
+) -> Union[Tensor, Tuple[Tensor, List[int]]]:
     r"""TSV-M of one weight matrix from the task updates :math:`\Delta_i = \theta_i - \theta_0`.
 
     :math:`M = U_\perp \Sigma V_\perp^\top` where :math:`U, \Sigma, V` concatenate the top-``k``
@@ -46,9 +73,15 @@ def tsv_merge_matrix(deltas: Sequence[Tensor], k: Optional[int] = None, method: 
     Computed in float32 at least (float64 stays float64); the result has the inputs' dtype and is not
     scaled by α: the merged weight is :math:`\theta_0 + \alpha M`.
 
-    ``method``: ``"svd"`` (default, full SVDs as the reference), ``"gram"`` (Gram/eigh paths of
-    :func:`truncated_svd` and :func:`tsv_merge_factors`, exact and faster) or ``"randomized"``
+    ``method``: ``"gram"`` (default: Gram/eigh paths of :func:`truncated_svd` and :func:`tsv_merge_factors`,
+    exact and faster), ``"svd"`` (full SVDs, FusionBench's numerics) or ``"randomized"``
     (approximate per-task SVD, Gram orthogonalization).
+
+    ``rank_revealing`` (default on) keeps :math:`k_i = \min(k, \mathrm{rank}_\tau(\Delta_i))` triplets per
+    task (:func:`truncated_svd`, threshold in :mod:`.rank`; ``storage_dtype`` and ``weight_rms`` add the
+    storage-rounding floor), so rank-deficient (LoRA) updates merge to one well-defined matrix; updates
+    whose top-k σ all exceed the threshold merge exactly as without it. ``return_ranks=True`` returns
+    ``(M, [k_1, ..., k_T])``.
     """
     if len(deltas) == 0:
         raise ValueError("tsv_merge_matrix needs at least one task matrix")
@@ -58,5 +91,9 @@ def tsv_merge_matrix(deltas: Sequence[Tensor], k: Optional[int] = None, method: 
             raise ValueError(f"deltas[{i}] has shape {tuple(d.shape)}, expected the 2-D shape {tuple(shape)}")
     k = default_rank(shape, len(deltas)) if k is None else k
     work = compute_dtype(dtype)
-    factors = [truncated_svd(d.to(work), k, method) for d in deltas]
-    return tsv_merge_factors(factors, "svd" if method == "svd" else "gram").to(dtype)
+    factors = [
+        truncated_svd(d.to(work), k, method, rank_revealing=rank_revealing, storage_dtype=storage_dtype, weight_rms=weight_rms)
+        for d in deltas
+    ]
+    merged = tsv_merge_factors(factors, method).to(dtype)
+    return (merged, [int(f.S.numel()) for f in factors]) if return_ranks else merged

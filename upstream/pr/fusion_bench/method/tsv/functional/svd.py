@@ -7,12 +7,13 @@ no I/O; they run on whatever device and dtype the input has.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import lapack
+from .rank import numerical_rank, rank_threshold
 
 __all__ = [
     "SVDFactors",
@@ -25,12 +26,33 @@ __all__ = [
     "gram",
     "eigh_top",
     "SVD_METHODS",
+    "DEFAULT_SVD_METHOD",
+    "check_svd_method",
+    "orthogonalization_method",
 ]
 
 #: ``truncated_svd`` methods: ``"svd"`` full LAPACK SVD (reference), ``"gram"`` eigendecomposition of
 #: the smaller Gram matrix in float64 (exact to float32 round-off, faster), ``"randomized"``
 #: randomized subspace iteration (approximate; never a default).
 SVD_METHODS = ("svd", "gram", "randomized")
+
+#: The default SVD method of TSV-M: of :func:`~.merge.tsv_merge_matrix`, :func:`~.merge.tsv_merge_factors` and
+#: the ``svd_method`` option (float64, exact to float32 round-off, fastest). The building blocks
+#: :func:`truncated_svd` and :func:`orthogonalize` default to ``"svd"``, the reference they are checked against.
+DEFAULT_SVD_METHOD = "gram"
+
+
+def check_svd_method(method: str) -> str:
+    """``method`` when it is one of :data:`SVD_METHODS`, else a ``ValueError`` listing them."""
+    if method not in SVD_METHODS:
+        raise ValueError(f"unknown SVD method {method!r}; expected one of {SVD_METHODS}")
+    return method
+
+
+def orthogonalization_method(method: str) -> str:
+    """The orthogonalization that goes with a truncated-SVD ``method``: ``"svd"`` (polar factor from the
+    SVD, FusionBench's numerics) for ``"svd"``, the float64 Gram whitening for the others."""
+    return "svd" if check_svd_method(method) == "svd" else "gram"
 
 #: Largest condition number of a Gram matrix ``AᵀA`` that the Gram (whitening) paths accept in float64;
 #: above it they fall back to the SVD. cond(AᵀA) = cond(A)², so this is cond(A) <= 1e5.
@@ -66,8 +88,18 @@ def _check_matrix(delta: Tensor, name: str = "delta") -> None:
         raise ValueError(f"{name} must be a 2-D matrix, got shape {tuple(delta.shape)}")
 
 
+# over ~60 lines only by its docstring (one entry per argument)
 def truncated_svd(
-    delta: Tensor, k: int, method: str = "svd", *, oversample: int = 10, niter: int = 4, seed: int = 0
+    delta: Tensor,
+    k: int,
+    method: str = "svd",
+    *,
+    oversample: int = 10,
+    niter: int = 4,
+    seed: int = 0,
+    rank_revealing: bool = False,
+    storage_dtype: Optional[torch.dtype] = None,
+    weight_rms: Optional[float] = None,
 ) -> SVDFactors:
     r"""Top-``k`` singular triplets of a matrix: :math:`\Delta \approx U_k \Sigma_k V_k^\top`.
 
@@ -78,49 +110,83 @@ def truncated_svd(
     Args:
         delta: an ``m × n`` matrix.
         k: number of triplets, ``1 <= k <= min(m, n)``.
-        method: ``"svd"`` (default): full LAPACK SVD, then the top k. ``"gram"``: eigendecomposition
+        method: ``"svd"`` (default here: the exact reference): full LAPACK SVD, then the top k. ``"gram"``: eigendecomposition
             of the smaller Gram matrix :math:`G = \Delta^\top\Delta` (or :math:`\Delta\Delta^\top`)
             formed and decomposed in float64, :math:`G = V \Lambda V^\top`, :math:`\sigma = \sqrt{\lambda}`,
             :math:`U = \Delta V \Sigma^{-1}` (exact: float64 keeps the squared condition number
             harmless; it falls back to ``"svd"`` when a kept :math:`\sigma` is below round-off).
             ``"randomized"``: Halko–Martinsson–Tropp randomized range finder with ``oversample``
             extra columns and ``niter`` power iterations (approximate, ``seed`` fixes it).
+        rank_revealing: keep only the triplets whose σ is above the numerical-rank threshold
+            (:func:`~.rank.numerical_rank`): :math:`k_i = \max(1, \min(k, \mathrm{rank}_\tau(\Delta)))`, so
+            a rank-deficient update (LoRA) returns no arbitrary null-space vectors; a zero update keeps
+            one triplet with σ = 0. Triplets above the threshold are returned exactly as without it.
+            Off here (this is the plain top-k); the TSV functions built on it turn it on by default.
+        storage_dtype, weight_rms: the dtype the checkpoints were stored in and the RMS of their
+            weights (both or neither): adds the rounding-noise floor of the storage dtype to the threshold.
 
     Returns:
-        ``SVDFactors(U, S, Vh)`` with shapes ``(m, k)``, ``(k,)``, ``(k, n)``.
+        ``SVDFactors(U, S, Vh)`` with shapes ``(m, kᵢ)``, ``(kᵢ,)``, ``(kᵢ, n)``; ``kᵢ = k`` unless
+        rank revealing dropped triplets (``k - S.numel()`` of them).
     """
     _check_matrix(delta)
     r = min(delta.shape)
     if not 1 <= k <= r:
         raise ValueError(f"rank k={k} is out of range for a {tuple(delta.shape)} matrix (1 <= k <= {r})")
-    if method not in SVD_METHODS:
-        raise ValueError(f"unknown truncated_svd method {method!r}; expected one of {SVD_METHODS}")
+    check_svd_method(method)
     work = delta.to(compute_dtype(delta.dtype))
+    kept = _rank_rule(delta.shape, work.dtype, rank_revealing, storage_dtype, weight_rms)
     out = None
     if method == "gram":
-        out = _top_k_gram(work, k)
+        out = _top_k_gram(work, k, kept)
     elif method == "randomized":
         out = _top_k_randomized(work, k, oversample, niter, seed)
     if out is None:
         U, S, Vh = torch.linalg.svd(work, full_matrices=False)
         out = U[:, :k], S[:k], Vh[:k, :]
     U, S, Vh = out
+    k_i = kept(S) if kept is not None else k
+    if k_i < S.numel():
+        U, S, Vh = U[:, :k_i], S[:k_i], Vh[:k_i, :]
     if U.dtype != delta.dtype:
         U, S, Vh = U.to(delta.dtype), S.to(delta.dtype), Vh.to(delta.dtype)
     return SVDFactors(U, S, Vh)
 
 
-def _top_k_gram(a: Tensor, k: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+def _rank_rule(
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    rank_revealing: bool,
+    storage_dtype: Optional[torch.dtype],
+    weight_rms: Optional[float],
+) -> Optional[Callable[[Tensor], int]]:
+    """``σ ↦ kᵢ = max(1, min(len(σ), numerical rank))`` for descending top singular values, or None
+    (keep all) without rank revealing. Checks the threshold options at once."""
+    if not rank_revealing:
+        if storage_dtype is not None or weight_rms is not None:
+            raise ValueError("options 'storage_dtype' and 'weight_rms' set the rank threshold: they need rank_revealing=True")
+        return None
+    rank_threshold(0.0, shape, dtype, storage_dtype=storage_dtype, weight_rms=weight_rms)
+    return lambda s: max(1, min(s.numel(), numerical_rank(s, shape, dtype, storage_dtype=storage_dtype, weight_rms=weight_rms)))
+
+
+def _top_k_gram(
+    a: Tensor, k: int, kept: Optional[Callable[[Tensor], int]] = None
+) -> Optional[tuple[Tensor, Tensor, Tensor]]:
     r"""Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64.
 
-    Returns None (the caller uses the SVD) when a kept singular value is too small for
-    :math:`U = \Delta V \Sigma^{-1}` to be accurate (rank-deficient or zero matrices).
+    ``kept(σ)``, if given, says how many of the top-k to keep (rank revealing). Returns None (the caller
+    uses the SVD) when a kept singular value is too small for :math:`U = \Delta V \Sigma^{-1}` to be
+    accurate (rank-deficient or zero matrices without rank revealing, float64 input with it).
     """
     m, n = a.shape
     wide = m < n
     x = (a.T if wide else a).to(torch.float64)  # tall: rows >= columns
     w, q = eigh_top(gram(x), k)
     s = w.clamp_min(0).sqrt()
+    if kept is not None:
+        r = kept(s)
+        s, q = s[:r], q[:, :r]
     # U = X V / σ loses accuracy like eps·σ_max/σ; demand σ_k >= 1e-6 σ_1 (float64 keeps ~1e-10)
     if s[0] <= 0 or s[-1] < 1e-6 * s[0]:
         return None
@@ -204,19 +270,18 @@ def orthogonalize(a: Tensor, method: str = "svd") -> Tensor:
     :math:`P Q^\top`, which equals the whitening :math:`A (A^\top A)^{-1/2}` when :math:`A^\top A`
     is invertible (Gargiulo et al. 2025, Sec. 4).
 
-    ``method="gram"`` computes the whitening form from the small Gram matrix in float64
-    (:func:`inv_sqrt_gram`) and falls back to the SVD when the Gram matrix is singular or
-    ill-conditioned (condition number above ``GRAM_COND_LIMIT``).
+    ``method`` is an SVD method (:func:`orthogonalization_method`): ``"svd"`` takes the SVD; the others
+    compute the whitening form from the small Gram matrix in float64 (:func:`inv_sqrt_gram`) and fall
+    back to the SVD when the Gram matrix is singular or ill-conditioned (condition number above
+    ``GRAM_COND_LIMIT``).
     """
     _check_matrix(a, "a")
-    if method == "gram":
+    if orthogonalization_method(method) == "gram":
         wide = a.shape[0] < a.shape[1]
         w = inv_sqrt_gram(a.T if wide else a)
         if w is not None:
             x = a.to(torch.float64)
             return ((w @ x) if wide else (x @ w)).to(a.dtype)
-    elif method != "svd":
-        raise ValueError(f"unknown orthogonalize method {method!r}; expected 'svd' or 'gram'")
     P, _, Qh = torch.linalg.svd(a, full_matrices=False)
     return P @ Qh
 

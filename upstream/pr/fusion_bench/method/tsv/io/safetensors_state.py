@@ -1,0 +1,215 @@
+"""A state dict read lazily from safetensors checkpoints, one tensor at a time, with no memory map.
+
+Used by :mod:`fusion_bench.method.tsv.io.streaming` to read fine-tuned (and pretrained) checkpoints layer by layer
+instead of building T models.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from pathlib import Path
+from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .paths import confined_path
+
+__all__ = [
+    "SAFETENSORS_DTYPES",
+    "SAFETENSORS_FILE",
+    "SAFETENSORS_INDEX",
+    "CheckpointError",
+    "SafetensorsState",
+    "check_tensor_finite",
+    "read_safetensors_header",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read (damaged, truncated, not what it claims to be); the message names the
+    model or file (and the parameter where known), the original exception is the ``__cause__``."""
+
+
+def check_tensor_finite(value: Tensor, model_name: str, key: str) -> None:
+    """Raise a ``ValueError`` naming the model and the key if a floating-point ``value`` holds NaN or Inf."""
+    # a finite sum proves every entry finite (NaN and ±Inf propagate); only a non-finite sum (NaN/Inf, or an
+    # overflow of large finite values) needs the entrywise test
+    if not torch.is_floating_point(value) or value.numel() == 0:
+        return
+    if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"model '{model_name}': parameter '{key}' contains NaN or Inf values")
+
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _safetensors_files(path: Path, model_name: str) -> Tuple[List[Path], Optional[Dict[str, str]]]:
+    """The ``.safetensors`` files of a checkpoint (a file, an index ``.json`` or a directory holding
+    ``model.safetensors`` or ``model.safetensors.index.json``) and the index's weight map, if any.
+
+    The index's file names must stay inside the checkpoint directory (:func:`~.paths.confined_path`)."""
+    if path.is_dir():
+        if (path / SAFETENSORS_FILE).is_file():
+            return [path / SAFETENSORS_FILE], None
+        if (path / SAFETENSORS_INDEX).is_file():
+            path = path / SAFETENSORS_INDEX
+        else:
+            raise FileNotFoundError(f"model '{model_name}': {path} holds neither {SAFETENSORS_FILE} nor {SAFETENSORS_INDEX}")
+    if path.suffix == ".json":
+        try:
+            weight_map = json.loads(path.read_text(encoding="utf-8")).get("weight_map")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"model '{model_name}': {path} is not a valid safetensors index: {e}") from e
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"model '{model_name}': {path} is not a safetensors index: it has no 'weight_map'")
+        files = {}
+        for key, name in weight_map.items():
+            files[name] = confined_path(path.parent, name, f"model '{model_name}': weight_map entry '{key}' of {path}")
+        return [files[name] for name in sorted(files)], weight_map
+    return [path], None
+
+
+def read_safetensors_header(file: Path, owner: str) -> Tuple[int, Dict[str, dict]]:
+    """``(data start, {key: {dtype, shape, data_offsets}})`` of a ``.safetensors`` file, reading the header only.
+
+    A header that cannot be parsed, or that describes more data than the file holds (a truncated file),
+    raises :class:`CheckpointError` naming ``owner`` (e.g. ``"model 'task_a'"``) and the file.
+    """
+    def damaged(reason: str) -> CheckpointError:
+        return CheckpointError(
+            f"{owner}: {file} is not a readable safetensors file ({reason}); "
+            "the checkpoint is damaged or incomplete: save or download it again"
+        )
+
+    try:
+        size_on_disk = os.path.getsize(file)
+        with open(file, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) != 8:
+                raise damaged(f"{size_on_disk} bytes, shorter than a header")
+            (size,) = struct.unpack("<Q", prefix)
+            if size > size_on_disk - 8:
+                raise damaged(f"header of {size} bytes in a file of {size_on_disk} bytes")
+            header = json.loads(f.read(size).decode("utf-8"))
+    except CheckpointError:
+        raise
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise damaged(f"corrupt header: {type(e).__name__}: {e}") from e
+    if not isinstance(header, dict):
+        raise damaged("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    end = 0
+    for key, entry in header.items():
+        try:
+            begin, stop = entry["data_offsets"]
+            if not 0 <= begin <= stop:
+                raise ValueError(f"offsets {entry['data_offsets']}")
+            numel = 1
+            for s in entry["shape"]:
+                numel *= int(s)
+        except (KeyError, TypeError, ValueError) as e:
+            raise damaged(f"bad header entry for parameter '{key}': {type(e).__name__}: {e}") from e
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is not None and numel * dtype.itemsize != stop - begin:
+            raise damaged(f"parameter '{key}': shape {entry['shape']} of {entry['dtype']} does not fit {stop - begin} bytes")
+        end = max(end, stop)
+    if 8 + size + end > size_on_disk:
+        raise damaged(f"truncated: the header describes {8 + size + end} bytes, the file has {size_on_disk}")
+    return 8 + size, header
+
+
+class SafetensorsState(Mapping[str, Tensor]):
+    """A read-only state dict backed by safetensors files, read one tensor at a time.
+
+    ``path`` is a ``.safetensors`` file, a sharded checkpoint's ``model.safetensors.index.json``, or a
+    directory holding either (as ``save_pretrained`` writes them). Only the JSON headers are parsed up
+    front (names, dtypes, shapes). ``state[key]`` reads that tensor with a plain positioned read (no
+    memory map, so nothing of the file stays resident), casts it to the dtype of ``reference[key]`` (as
+    ``from_pretrained`` would load it into the reference's architecture) and checks it for NaN/Inf,
+    raising the ``check_finite`` error naming the model.
+
+    ``aliases`` maps keys that the files do not hold to keys they do: tied weights (``lm_head.weight``
+    of a model with ``tie_word_embeddings`` is saved once, as ``model.embed_tokens.weight``).
+    """
+
+    def __init__(
+        self,
+        path: os.PathLike,
+        model_name: str,
+        reference: Optional[Mapping[str, Tensor]] = None,
+        aliases: Optional[Mapping[str, str]] = None,
+    ):
+        self.path, self.model_name, self.reference = Path(path), model_name, reference
+        files, weight_map = _safetensors_files(self.path, model_name)
+        self._entries: Dict[str, Tuple[Path, int, dict]] = {}
+        for file in files:
+            start, header = read_safetensors_header(file, f"model '{model_name}'")
+            for key, entry in header.items():
+                self._entries[key] = (file, start, entry)
+        if weight_map is not None:
+            lost = [k for k in weight_map if k not in self._entries]
+            if lost:
+                raise CheckpointError(
+                    f"model '{model_name}': {self.path} lists parameters its shards do not hold: {lost[:5]}"
+                )
+        self.aliases = {k: v for k, v in (aliases or {}).items() if k not in self._entries}
+        for key, target in self.aliases.items():
+            if target not in self._entries:
+                raise KeyError(f"model '{model_name}': alias '{key}' -> '{target}': '{target}' is not in {self.path}")
+
+    def __getitem__(self, key: str) -> Tensor:
+        file, start, entry = self._entries[self.aliases.get(key, key)]  # KeyError for unknown keys, as a dict
+        begin, end = entry["data_offsets"]
+        buffer = bytearray(end - begin)
+        try:
+            with open(file, "rb", buffering=0) as f:
+                f.seek(start + begin)
+                if f.readinto(buffer) != len(buffer):
+                    raise EOFError("end of file")
+        except (OSError, EOFError) as e:
+            raise CheckpointError(
+                f"model '{self.model_name}': cannot read parameter '{key}' from {file}: {type(e).__name__}: {e}"
+            ) from e
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(
+                f"model '{self.model_name}': parameter '{key}' in {file} has dtype {entry['dtype']}, which the lazy "
+                "reader does not support: set the method's lazy_loading=false"
+            )
+        value = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
+        value = value.reshape(entry["shape"])
+        if self.reference is not None and key in self.reference and self.reference[key].dtype != dtype:
+            value = value.to(self.reference[key].dtype)
+        check_tensor_finite(value, self.model_name, key)
+        return value
+
+    def shape_of(self, key: str) -> torch.Size:
+        return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
+
+    def __iter__(self) -> Iterator[str]:
+        yield from self._entries
+        yield from self.aliases
+
+    def __len__(self) -> int:
+        return len(self._entries) + len(self.aliases)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries or key in self.aliases

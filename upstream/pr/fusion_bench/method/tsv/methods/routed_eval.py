@@ -1,0 +1,197 @@
+"""Routed (oracle) evaluation through FusionBench's own task pools: one model on one task.
+
+FusionBench's program evaluates every returned model on every task of the task pool (T × T). TSV-C
+evaluates task i's model on task i only, as the paper does (task identity known at test time). The
+task pools that evaluate per-task test sets, ``CLIPVisionModelTaskPool`` (Hugging Face CLIP) and
+``OpenCLIPVisionModelTaskPool`` (open_clip), both keep them in ``test_dataloaders`` after ``setup()``
+and loop over that mapping in ``evaluate``; :func:`evaluate_on_task` restricts it to one task for the
+duration of one call, so the task pool's own classifier heads, metrics and reports are used unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from contextlib import nullcontext
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..io.atomic import write_atomic
+from ..io.compressed_checkpoint import CompressedTask, build_task_model
+from ..io.modelpool import load_model
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "REPORT_FILE",
+    "evaluate_on_task",
+    "format_summary",
+    "normalized_accuracy",
+    "print_summary",
+    "routed_evaluation",
+    "supports_routing",
+    "taskpool_tasks",
+    "write_report",
+]
+
+REPORT_FILE = "tsv_compress_report.json"
+
+
+def supports_routing(taskpool) -> bool:
+    """Whether ``taskpool`` has per-task test sets that :func:`evaluate_on_task` can restrict."""
+    return taskpool is not None and isinstance(getattr(taskpool, "_test_datasets", None), Mapping)
+
+
+def taskpool_tasks(taskpool) -> List[str]:
+    """The names of the task pool's test sets (without loading them)."""
+    if not supports_routing(taskpool):
+        raise TypeError(
+            f"routed evaluation needs a task pool with per-task test sets (CLIPVisionModelTaskPool, "
+            f"OpenCLIPVisionModelTaskPool), got {type(taskpool).__name__}"
+        )
+    return list(taskpool._test_datasets.keys())
+
+
+def evaluate_on_task(taskpool, model: nn.Module, task: str) -> Dict[str, Any]:
+    """Evaluate ``model`` on the test set of ``task`` only, with ``taskpool.evaluate``; its result for ``task``.
+
+    The task pool's other test sets are hidden for this call and restored afterwards, even on error.
+    """
+    if task not in taskpool_tasks(taskpool):
+        raise KeyError(f"the task pool has no test set '{task}'; it has {taskpool_tasks(taskpool)}")
+    if not getattr(taskpool, "_is_setup", False):
+        taskpool.setup()
+    loaders = taskpool.test_dataloaders
+    taskpool.test_dataloaders = {task: loaders[task]}
+    try:
+        report = taskpool.evaluate(model)
+    finally:
+        taskpool.test_dataloaders = loaders
+    if task not in report:
+        raise RuntimeError(f"the task pool's report has no entry for task '{task}': {list(report)}")
+    return dict(report[task])
+
+
+def normalized_accuracy(accuracy: float, finetuned_accuracy: Optional[float]) -> Optional[float]:
+    """``accuracy / finetuned_accuracy`` (the paper's normalized accuracy); None if undefined."""
+    if finetuned_accuracy is None or finetuned_accuracy <= 0:
+        return None
+    return accuracy / finetuned_accuracy
+
+
+_COLUMNS = (("accuracy", "accuracy"), ("finetuned_accuracy", "fine-tuned"), ("normalized_accuracy", "normalized"))
+
+
+def format_summary(report: Mapping[str, Any], title: str) -> str:
+    """A short table of a routed report (``tasks``: {task: entry}, ``average``): accuracy, and fine-tuned and
+    normalized accuracy where measured, per task and on average, as percentages with one decimal (the report
+    itself keeps full precision)."""
+    rows = [*report["tasks"].items(), ("average", report.get("average", {}))]
+    columns = [(key, label) for key, label in _COLUMNS if any(key in entry for _, entry in rows)]
+    width = max(len(name) for name, _ in rows)
+
+    def cell(value: Optional[float]) -> str:
+        return "-" if value is None else f"{100 * value:.1f}%"
+
+    lines = [title, f"{'task':<{width}}" + "".join(f"  {label:>10}" for _, label in columns)]
+    for name, entry in rows:
+        lines.append(f"{name:<{width}}" + "".join(f"  {cell(entry.get(key)):>10}" for key, _ in columns))
+    return "\n".join(lines)
+
+
+# over ~60 lines only by its docstring (one line per argument)
+def routed_evaluation(
+    taskpool,
+    modelpool,
+    pretrained: nn.Module,
+    tasks: Sequence[CompressedTask],
+    *,
+    evaluate_finetuned: bool = True,
+    allow_missing_keys: bool = False,
+    profile: Callable[[str], ContextManager] = lambda action: nullcontext(),
+    show_pbar: bool = True,
+) -> Dict[str, Any]:
+    """Evaluate each task's compressed model (and, with ``evaluate_finetuned``, its fine-tuned model from
+    ``modelpool``) on its own test set only; the report (plain values) with per-task entries and averages.
+
+    Args:
+        taskpool: a task pool with per-task test sets (:func:`supports_routing`).
+        modelpool: the pool the fine-tuned models are loaded from.
+        pretrained: θ₀, the base of every compressed model.
+        tasks: the compressed tasks.
+        evaluate_finetuned: also evaluate each fine-tuned model, for the normalized accuracy.
+        allow_missing_keys: passed to :func:`~fusion_bench.method.tsv.io.modelpool.load_model`.
+        profile: a context-manager factory timing ``"rebuild model"``, ``"load model"``, ``"evaluate"``.
+        show_pbar: progress bar over the tasks.
+    """
+    available = taskpool_tasks(taskpool)
+    names = [t.name for t in tasks]
+    skipped = [n for n in names if n not in available]
+    unmatched = [n for n in available if n not in names]
+    if skipped:
+        log.warning(f"TSV-C: no test set for tasks {skipped}: they are not evaluated")
+    if unmatched:
+        log.warning(f"TSV-C: test sets {unmatched} have no fine-tuned model: they are not evaluated")
+    if len(skipped) == len(names):
+        raise ValueError(f"none of the modelpool's tasks {names} has a test set in the task pool ({available})")
+
+    evaluations: List[Dict[str, str]] = []
+    per_task: Dict[str, Dict[str, Any]] = {}
+    for task in tqdm([t for t in tasks if t.name in available], desc="TSV-C: routed evaluation", disable=not show_pbar):
+        with profile("rebuild model"):
+            model = build_task_model(pretrained, task)
+        with profile("evaluate"):
+            result = evaluate_on_task(taskpool, model, task.name)
+        evaluations.append({"model": f"tsv_c:{task.name}", "task": task.name})
+        del model
+        entry = {"accuracy": result.get("accuracy"), "loss": result.get("loss")}
+        if evaluate_finetuned:
+            with profile("load model"):
+                finetuned = load_model(modelpool, task.name, allow_missing_keys)
+            with profile("evaluate"):
+                ft = evaluate_on_task(taskpool, finetuned, task.name)
+            evaluations.append({"model": f"finetuned:{task.name}", "task": task.name})
+            del finetuned
+            entry["finetuned_accuracy"] = ft.get("accuracy")
+            entry["normalized_accuracy"] = normalized_accuracy(entry["accuracy"], ft.get("accuracy"))
+        per_task[task.name] = entry
+    return {
+        "method": "TSV-C",
+        "routing": "oracle: each task's model is evaluated on its own task only",
+        "tasks": per_task,
+        "average": _average(per_task),
+        "not_evaluated": skipped,
+        "evaluations": evaluations,
+    }
+
+
+def _average(per_task: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+    """The mean of each metric that every task has."""
+    out = {}
+    for metric in ("accuracy", "loss", "finetuned_accuracy", "normalized_accuracy"):
+        values = [e[metric] for e in per_task.values() if e.get(metric) is not None]
+        if values and len(values) == len(per_task):
+            out[metric] = sum(values) / len(values)
+    return out
+
+
+def write_report(log_dir: Optional[str], report: Mapping[str, Any]) -> Optional[str]:
+    """Write the report (full precision) as :data:`REPORT_FILE` in ``log_dir``, atomically; its path, or
+    None without a log dir."""
+    if log_dir is None:
+        return None
+    path = write_atomic(os.path.join(log_dir, REPORT_FILE), lambda p: p.write_text(json.dumps(report, indent=1)))
+    return str(path)
+
+
+def print_summary(report: Mapping[str, Any], path: Optional[str]) -> None:
+    """Print the routed accuracies as a short table (printed, not logged: log formatting would wrap it)."""
+    lines = [format_summary(report, "TSV-C, routed evaluation (each task's compressed model on its own task):")]
+    if report["not_evaluated"]:
+        lines.append(f"not evaluated (no test set): {', '.join(report['not_evaluated'])}")
+    if path is not None:
+        lines.append(f"full report: {os.path.abspath(path)}")
+    print("\n".join(lines), flush=True)

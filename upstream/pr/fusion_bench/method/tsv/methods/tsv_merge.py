@@ -1,0 +1,171 @@
+R"""
+Task Singular Vector Merging (TSV-M) as a FusionBench algorithm, streaming one model at a time.
+
+For every weight matrix, each task update ``Δᵢ = θᵢ − θ₀`` is reduced to its top-k singular
+triplets (k = floor(min(m, n) / T) by default), the per-task singular vectors are concatenated and
+decorrelated (orthogonal Procrustes), and the merged weight is ``θ₀ + α · U⊥ Σ V⊥ᵀ``. Parameters that
+are not matrices (biases, LayerNorm, class token, conv kernels) and the ``exclude_keys`` are averaged
+over tasks and scaled by α too (Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in
+Model Merging", CVPR 2025, arXiv:2412.00081).
+
+Unlike FusionBench's ``TaskSingularVectorMerging``, the fine-tuned models are loaded one at a time (or
+read layer by layer) and only their rank-k factors and running sums are kept, so peak memory is about
+the pretrained model, one fine-tuned model and the factors, whatever T is; and a layer whose rank is
+below T keeps one component per task instead of being zeroed. The per-parameter merge and its loops
+are in :mod:`fusion_bench.method.tsv.runtime.merge_job`.
+
+Example (20 CLIP ViT-B/32 tasks)::
+
+    fusion_bench \
+        method=tsv/tsv_merge \
+        modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TALL20_model_only \
+        taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TALL20
+
+The options, their defaults and meaning: ``config/method/tsv/tsv_merge.yaml``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from fusion_bench import BaseModelPool
+from fusion_bench.mixins import auto_register_config
+
+from ..functional import DEFAULT_SVD_METHOD, compute_dtype
+from ..io.hf_checkpoint import save_hf_model
+from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
+from ..io.streaming import iter_finetuned_states, open_lazy_states
+from ..runtime.merge_job import ParameterMerge, merge_parameters
+from ..runtime.parallel import resolve_workers
+from ..runtime.sharding import send_to_rank_zero, split_by_size
+from .base import Opening, TSVAlgorithmBase
+from .options import validate_options
+
+log = logging.getLogger(__name__)
+
+__all__ = ["TSVMergeAlgorithm", "resolve_alpha"]
+
+
+def resolve_alpha(alpha: Union[float, Sequence[float], None], num_tasks: int) -> tuple[List[float], float]:
+    """Split ``alpha`` (validated by :func:`~.options.validate_options`) into per-task scales (applied to
+    each Δᵢ before the SVD) and a final scale: a number scales the merged update; a list of T numbers
+    scales each task vector, as FusionBench's TSVM does."""
+    if alpha is None:
+        return [1.0] * num_tasks, 1.0
+    if not isinstance(alpha, (list, tuple)):
+        return [1.0] * num_tasks, float(alpha)
+    if len(alpha) != num_tasks:
+        raise ValueError(
+            f"option 'alpha' has {len(alpha)} values but the modelpool has {num_tasks} fine-tuned models: "
+            f"give one number per task, or a single number"
+        )
+    return [float(a) for a in alpha], 1.0
+
+
+@auto_register_config
+class TSVMergeAlgorithm(TSVAlgorithmBase):
+    """Task Singular Vector Merging, streaming the modelpool one fine-tuned model (or one layer) at a time.
+
+    Every option is documented, with its default, in ``config/method/tsv/tsv_merge.yaml``.
+
+    Args:
+        alpha: scale α of the merged update, or one scale per task vector.
+        exclude_keys: glob patterns of parameters averaged instead of decomposed.
+        rank: per-task rank k of every matrix (None: floor(min(m, n) / T), at least 1).
+        device: where the linear algebra runs (None: the Fabric device).
+        show_pbar: show progress bars.
+        svd_method: how each task's top-k triplets are computed: ``gram``, ``svd`` or ``randomized``.
+        lazy_loading: read local safetensors checkpoints tensor by tensor (layer by layer when all can be).
+        save_path: directory for the merged model in Hugging Face format (None: not saved).
+        max_shard_size: largest safetensors shard of ``save_path``.
+        save_tokenizer: also save the pool's tokenizer to ``save_path``.
+        num_workers: threads that decompose matrices side by side (None: the CPU cores, 1 on a GPU).
+        allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
+
+    With a Fabric strategy of several processes the parameters are split across the ranks by size and
+    rank 0 assembles the merged model, bitwise the one a single process makes; other ranks return None.
+    """
+
+    method_name = "TSV-M"
+    output_name = "merged_model"
+
+    def __init__(
+        self,
+        alpha: Union[float, Sequence[float], None] = 1.0,
+        exclude_keys: Optional[Sequence[str]] = DEFAULT_EXCLUDE_KEYS,
+        rank: Optional[int] = None,
+        device: Optional[str] = None,
+        show_pbar: bool = True,
+        svd_method: str = DEFAULT_SVD_METHOD,
+        lazy_loading: bool = True,
+        save_path: Optional[str] = None,
+        max_shard_size: Union[str, int] = "5GB",
+        save_tokenizer: bool = True,
+        num_workers: Optional[int] = None,
+        allow_missing_keys: bool = False,
+        **kwargs,
+    ):
+        super().__init__(**validate_options(self, kwargs))
+
+    @torch.no_grad()
+    def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
+        """Merge the fine-tuned models of ``modelpool`` into one model and return it (on rank 0; other
+        ranks of a multi-process Fabric run return None)."""
+        modelpool = self.coerce_pool(modelpool)
+        self.output_path()  # refuses a save_path in use before anything is computed
+        opening = self.open_pool(modelpool, "merge")
+        base, world, rank = opening.base, self.fabric.world_size, self.fabric.global_rank
+        self._log_setup(opening)
+        # tied weights: one storage, merged once; parameters split across the ranks of a multi-process run
+        keys = unique_storage_keys(base, opening.matrix_keys + opening.other_keys)
+        mine = split_by_size({k: base[k].numel() for k in keys}, world)[rank]
+        workers = resolve_workers(self.num_workers, opening.device, world)
+        log.info(f"TSV-M: rank {rank}/{world} merges {len(mine)} of {len(keys)} parameters on {workers} worker thread(s)")
+        merge = ParameterMerge(opening.ranks, *resolve_alpha(self.alpha, opening.num_tasks), opening.device,
+                               self.svd_method, timer=self.record_time)
+        results: Dict[str, Tensor] = {}
+        lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
+        finetuned = None if lazy_states is not None else iter_finetuned_states(
+            modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar, profile=self.profile,
+            lazy=self.lazy_loading, allow_missing_keys=self.allow_missing_keys,
+        )
+        write = (lambda key, value: base[key].copy_(value)) if rank == 0 else results.__setitem__
+        merge_parameters(merge, base, mine, write, workers=workers, lazy_states=lazy_states, finetuned=finetuned,
+                         show_pbar=self.show_pbar)
+        if world > 1:
+            with self.profile("gather on rank 0"):
+                send_to_rank_zero(self.fabric, results, lambda key, value: base[key].copy_(value))
+        self.print_profile_summary("TSV-M profile")
+        if rank != 0:
+            return None
+        if self.save_path is not None:
+            with self.profile("save"):
+                self.save(opening.pretrained, modelpool)
+        return opening.pretrained
+
+    def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
+        """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
+        tokenizer = None
+        if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
+            tokenizer = modelpool.load_tokenizer()
+        return str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
+
+    def _log_setup(self, opening: Opening) -> None:
+        base, matrix_keys, num_tasks = opening.base, opening.matrix_keys, opening.num_tasks
+        dtypes = sorted({str(base[k].dtype) for k in matrix_keys + opening.other_keys})
+        computed = sorted({str(compute_dtype(base[k].dtype)) for k in matrix_keys})
+        log.info(
+            f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
+            f"(computed in {', '.join(computed) or '-'}); {len(matrix_keys)} matrices decomposed, "
+            f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
+        )
+        low = [k for k in matrix_keys if min(base[k].shape) < num_tasks]
+        if low:
+            log.warning(
+                f"TSV-M: {len(low)} matrices have rank below T={num_tasks} and keep 1 component per task "
+                f"(FusionBench's TSVM would zero them): {low}"
+            )
