@@ -5,8 +5,8 @@ The pull request adds TSV-M, TSV-C and STI to FusionBench ``0.2.33`` as ``fusion
 Everything in it is derived from this repository by :data:`PLACEMENT` (what goes where) and the
 rewrites below, so the package and the contribution never diverge:
 
-    python upstream/generate.py             # writes upstream/pr/ (the files of the PR, FusionBench's repo
-                                            # layout), upstream/tsv.patch and upstream/PR.md
+    python upstream/generate.py             # writes upstream/tsv.patch (every file of the PR) and upstream/PR.md
+    python upstream/generate.py --tree      # also the PR's files under upstream/pr/ (FusionBench's repo layout)
     python upstream/generate.py --check     # exit 1 (listing the files) when they are out of date
 
 The unchanged FusionBench files that the patch edits come from the ``fusion-bench==0.2.33`` source
@@ -538,8 +538,13 @@ def build(cache_dir: Path) -> Dict[str, str]:
     return out
 
 
-def write(outputs: Dict[str, str], out_dir: Path) -> None:
-    """Replace ``out_dir/pr`` (atomically, as one directory) and write ``tsv.patch`` and ``PR.md``."""
+COMMITTED = ("tsv.patch", "PR.md")
+"""What the repository keeps: the patch holds every file of the pull request; ``pr/`` (``--tree``) is the same
+files as a directory tree for reading, not committed (it would be a second copy of the package's code)."""
+
+
+def write(outputs: Dict[str, str], out_dir: Path, tree: bool = False) -> None:
+    """Write ``tsv.patch`` and ``PR.md``; with ``tree``, also replace ``out_dir/pr`` (atomically, as one directory)."""
 
     def fill(tmp: Path) -> None:
         for path, text in outputs.items():
@@ -548,18 +553,15 @@ def write(outputs: Dict[str, str], out_dir: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_text(text)
 
-    write_dir_atomic(out_dir / "pr", fill)
-    for name in ("tsv.patch", "PR.md"):
+    if tree:
+        write_dir_atomic(out_dir / "pr", fill)
+    for name in COMMITTED:
         write_atomic(out_dir / name, lambda tmp, name=name: tmp.write_text(outputs[name]))
 
 
 def stale_files(outputs: Dict[str, str], out_dir: Path) -> List[str]:
-    """Paths under ``out_dir`` that differ from ``outputs`` (missing, different or not generated)."""
-    stale = [p for p, t in outputs.items() if not (out_dir / p).is_file() or (out_dir / p).read_text() != t]
-    if (out_dir / "pr").is_dir():
-        present = {f"pr/{p.relative_to(out_dir / 'pr').as_posix()}" for p in (out_dir / "pr").rglob("*") if p.is_file()}
-        stale += sorted(present - set(outputs))
-    return sorted(stale)
+    """The committed files under ``out_dir`` (:data:`COMMITTED`) that differ from ``outputs`` or are missing."""
+    return sorted(p for p in COMMITTED if not (out_dir / p).is_file() or (out_dir / p).read_text() != outputs[p])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -568,6 +570,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=Path.home() / ".cache/fusion_bench_tsv/upstream",
                         help="where the fusion-bench source distribution is kept")
     parser.add_argument("--check", action="store_true", help="only report files that are out of date (exit 1)")
+    parser.add_argument("--tree", action="store_true",
+                        help="also write the pull request's files as a tree under <out>/pr/ (for reading; not committed)")
     args = parser.parse_args(argv)
     try:
         outputs = build(args.cache_dir)
@@ -579,10 +583,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stale:
             print("out of date (run python upstream/generate.py):\n  " + "\n  ".join(stale), file=sys.stderr)
             return 1
-        print(f"{args.out}: up to date ({len(outputs)} files)")
+        print(f"{args.out}: up to date ({len(outputs) - len(COMMITTED)} files in {args.out / 'tsv.patch'})")
         return 0
-    write(outputs, args.out)
-    print(f"wrote {len(outputs) - 2} files under {args.out / 'pr'}, {args.out / 'tsv.patch'}, {args.out / 'PR.md'}")
+    write(outputs, args.out, tree=args.tree)
+    tree = f" and the tree under {args.out / 'pr'}" if args.tree else ""
+    print(f"wrote {args.out / 'tsv.patch'} ({len(outputs) - len(COMMITTED)} files), {args.out / 'PR.md'}{tree}")
     return 0
 
 
