@@ -45,14 +45,14 @@ class UpdateMerge(ParameterMerge):
 
 
 def _available_val_configs() -> List[str]:
-    """Task pool configs with ``val`` in their name on the CLI's search path, for error hints."""
+    """Task pool configs named ``*_val`` on the CLI's search path, for error hints."""
     from hydra_plugins.fusion_bench_tsv_searchpath import fusion_bench_config_dir, tsv_config_dir
 
     names = set()
     for root in (tsv_config_dir(), fusion_bench_config_dir()):
         if root is not None:
             names.update(p.relative_to(root / "taskpool").with_suffix("").as_posix()
-                         for p in (root / "taskpool").rglob("*val*.yaml"))
+                         for p in (root / "taskpool").rglob("*_val.yaml"))
     return sorted(names)
 
 

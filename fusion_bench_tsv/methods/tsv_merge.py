@@ -125,7 +125,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         ranks of a multi-process Fabric run return None)."""
         modelpool = self.coerce_pool(modelpool)
         self.output_path()  # refuses a save_path in use before anything is computed
-        grid_dir = self._check_alpha_grid()
+        validation = self._open_alpha_grid()
         opening = self.open_pool(modelpool, "merge")
         base, world, rank = opening.base, self.fabric.world_size, self.fabric.global_rank
         self._log_setup(opening)
@@ -155,7 +155,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             self.print_profile_summary("TSV-M profile")
             return None
         if self.alpha_grid:
-            self._choose_alpha(opening.pretrained, updates, task_scales, grid_dir)
+            self._choose_alpha(opening.pretrained, updates, task_scales, *validation)
         self.print_profile_summary("TSV-M profile")
         if self.save_path is not None:
             with self.profile("save"):
@@ -169,10 +169,11 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             tokenizer = modelpool.load_tokenizer()
         return str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
 
-    def _check_alpha_grid(self) -> Optional[Path]:
-        """With ``alpha_grid``: refuse what cannot work before anything is computed; the output directory."""
+    def _open_alpha_grid(self) -> tuple[Any, Optional[Path]]:
+        """With ``alpha_grid``: refuse what cannot work before anything is computed; the validation task pool
+        (instantiated, not set up) and the output directory."""
         if not self.alpha_grid:
-            return None
+            return None, None
         if self.validation_taskpool is None:
             raise ValueError(
                 "TSVMergeAlgorithm: option 'alpha_grid' needs option 'validation_taskpool', the task pool that "
@@ -185,14 +186,15 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             )
         if not isinstance(self.alpha, (list, tuple)) and self.alpha not in (None, 1.0):
             log.warning(f"TSV-M: option 'alpha'={self.alpha} is ignored: alpha_grid chooses alpha")
-        if self.log_dir is None:
-            return None
-        return output_dir(f"{{log_dir}}/{OUTPUT_NAME}", self.log_dir, OUTPUT_NAME, self.method_name, option="alpha_grid")
+        out_dir = None
+        if self.log_dir is not None:
+            out_dir = output_dir(f"{{log_dir}}/{OUTPUT_NAME}", self.log_dir, OUTPUT_NAME, self.method_name,
+                                 option="alpha_grid")
+        return load_taskpool(self.validation_taskpool, self.fabric), out_dir
 
-    def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float],
+    def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
                       out_dir: Optional[Path]) -> None:
         """Evaluate the alpha grid on the validation task pool, leave ``model`` at the best alpha, write the curve."""
-        taskpool = load_taskpool(self.validation_taskpool, self.fabric)
         scales = task_scales if isinstance(self.alpha, (list, tuple)) else None
         self.alpha_grid_results = run_alpha_grid(model, updates, self.alpha_grid, taskpool, task_scales=scales,
                                                  profile=self.profile)
