@@ -45,37 +45,41 @@ class UpdateMerge(ParameterMerge):
 
 
 def _available_val_configs() -> List[str]:
-    """Task pool configs named ``*_val`` on the CLI's search path, for error hints."""
-    from hydra_plugins.fusion_bench_tsv_searchpath import fusion_bench_config_dir, tsv_config_dir
+    """Task pool configs named ``*_val`` on the search path of the initialized Hydra, for error hints."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
 
-    names = set()
-    for root in (tsv_config_dir(), fusion_bench_config_dir()):
-        if root is not None:
-            names.update(p.relative_to(root / "taskpool").with_suffix("").as_posix()
-                         for p in (root / "taskpool").rglob("*_val.yaml"))
+    loader = GlobalHydra.instance().config_loader()
+    names = []
+    for group in ["", *loader.get_group_options("taskpool", results_filter=ObjectType.GROUP)]:
+        path = f"taskpool/{group}".rstrip("/")
+        names += [f"{group}/{n}".lstrip("/") for n in loader.get_group_options(path, results_filter=ObjectType.CONFIG)
+                  if n.endswith("_val")]
     return sorted(names)
 
 
 def _compose_taskpool(name: str):
     """The task pool config ``name`` (``taskpool=<name>`` of the CLI), composed with Hydra: with the running
-    CLI's search path when Hydra is initialized, else from FusionBench's configs (our plugin adds ours)."""
+    CLI's search path when Hydra is initialized, else from the config directory the CLI would use."""
+    from fusion_bench.utils.hydra_utils import get_default_config_path
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from hydra_plugins.fusion_bench_tsv_searchpath import fusion_bench_config_dir
 
-    overrides = [f"+taskpool={name}"]
-    try:
-        if GlobalHydra.instance().is_initialized():
-            return compose(overrides=overrides).taskpool
-        with initialize_config_dir(config_dir=str(fusion_bench_config_dir()), version_base=None):
-            return compose(overrides=overrides).taskpool
-    except HydraException as e:
-        raise ValueError(
-            f"TSVMergeAlgorithm: option 'validation_taskpool'={name!r} is not a task pool config "
-            f"({type(e).__name__}: {str(e).splitlines()[0]}); validation task pools found: "
-            f"{', '.join(_available_val_configs())}"
-        ) from None
+    def composed():
+        try:
+            return compose(overrides=[f"+taskpool={name}"]).taskpool
+        except HydraException as e:
+            raise ValueError(
+                f"TSVMergeAlgorithm: option 'validation_taskpool'={name!r} is not a task pool config "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); validation task pools found: "
+                f"{', '.join(_available_val_configs())}"
+            ) from None
+
+    if GlobalHydra.instance().is_initialized():
+        return composed()
+    with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
+        return composed()
 
 
 def load_taskpool(spec: Any, fabric) -> Any:

@@ -243,7 +243,8 @@ OPTION_CHECKS: Dict[str, OptionCheck] = {
     "alpha_grid": OptionCheck("a list of distinct finite positive numbers or null", "[0.5,1.0]", _alpha_grid,
                               optional=True),
     "validation_taskpool": OptionCheck(
-        "a task pool config (with _target_), the name of one, or null", "CLIPVisionModelTaskPool/tiny_clip_8_val",
+        "a task pool config (with _target_), the name of one, or null",
+        "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val",
         _taskpool, optional=True),
     "exclude_keys": OptionCheck("a list of glob patterns or null", "['*text_projection*']", _patterns, optional=True),
     "rank": OptionCheck("a positive integer or null", "16", _integer(1), optional=True),
