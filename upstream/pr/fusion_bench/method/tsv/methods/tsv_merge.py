@@ -21,7 +21,9 @@ Example (20 CLIP ViT-B/32 tasks)::
         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TALL20_model_only \
         taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TALL20
 
-The options, their defaults and meaning: ``config/method/tsv/tsv_merge.yaml``.
+With ``alpha_grid`` (and ``validation_taskpool``), α is chosen on validation tasks from one merge
+(:mod:`fusion_bench.method.tsv.methods.alpha_grid`). The options, their defaults and meaning:
+``config/method/tsv/tsv_merge.yaml``.
 """
 
 from __future__ import annotations
@@ -212,6 +214,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
             f"(computed in {', '.join(computed) or '-'}); {len(matrix_keys)} matrices decomposed, "
             f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
+            + (f", alpha_grid={self.alpha_grid}" if self.alpha_grid else "")
         )
         low = [k for k in matrix_keys if min(base[k].shape) < num_tasks]
         if low:
