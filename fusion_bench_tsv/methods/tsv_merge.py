@@ -200,7 +200,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         scales = task_scales if isinstance(self.alpha, (list, tuple)) else None
         self.alpha_grid_results = run_alpha_grid(model, updates, self.alpha_grid, taskpool, task_scales=scales,
                                                  profile=self.profile)
-        del taskpool, updates
+        updates.clear()  # M is freed before the model is saved and tested
         best = self.alpha_grid_results["best"]
         self.fabric.log_dict({"alpha_grid/best_alpha": best["alpha"], "alpha_grid/best_accuracy": best["accuracy"]})
         with self.profile("write outputs"):
