@@ -76,6 +76,12 @@ PLACEMENT: Dict[str, Union[str, Skip]] = {
     "fusion_bench_tsv/benchmark/": Skip("the offline tiny-CLIP benchmark (models and data built locally)"),
     "config/modelpool/": Skip("pools of the offline tiny-CLIP benchmark"),
     "config/taskpool/": Skip("task pools of the offline tiny-CLIP benchmark"),
+    # --- validation task pools of the TALL suites (TSV-M's alpha_grid) and the val splits they need
+    "config/taskpool/CLIPVisionModelTaskPool/clip-vit-classification_TALL14_val.yaml":
+        "config/taskpool/CLIPVisionModelTaskPool/clip-vit-classification_TALL14_val.yaml",
+    "config/taskpool/CLIPVisionModelTaskPool/clip-vit-classification_TALL20_val.yaml":
+        "config/taskpool/CLIPVisionModelTaskPool/clip-vit-classification_TALL20_val.yaml",
+    "config/dataset/image_classification/val/": "config/dataset/image_classification/val/",
 }
 
 #: Python source trees and configs whose every file must be covered by PLACEMENT

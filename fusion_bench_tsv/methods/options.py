@@ -131,6 +131,35 @@ def _alpha(value: Any) -> Any:
     return _finite(value)
 
 
+def _alpha_grid(value: Any) -> List[float]:
+    if not _is_list(value) or len(value) == 0:
+        raise _Invalid("give the values of alpha to try as a list, e.g. [0.5, 1.0]")
+    values = []
+    for i, v in enumerate(value):
+        try:
+            values.append(_positive(v))
+        except _Invalid as e:
+            raise _Invalid(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    if repeated:
+        raise _Invalid(f"{repeated} appear more than once")
+    return values
+
+
+def _taskpool(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip() or value != value.strip():
+            raise _Invalid("an empty name, or spaces around it")
+        return value
+    if isinstance(value, Mapping):
+        if "_target_" not in value:
+            raise _Invalid("a mapping without _target_: give a task pool config or the name of one")
+        return value
+    if callable(getattr(value, "evaluate", None)):
+        return value  # a task pool instance (from Python)
+    raise _Invalid()
+
+
 def _patterns(value: Any) -> List[str]:
     if isinstance(value, str):
         raise _Invalid(f"a single string would be read as one pattern per character: write [{value!r}]")
@@ -211,6 +240,12 @@ _BOOL = OptionCheck("true or false", "true", _boolean)
 OPTION_CHECKS: Dict[str, OptionCheck] = {
     "alpha": OptionCheck("a finite number, a list of finite numbers (one per task) or null (1.0)", "1.0", _alpha,
                          optional=True),
+    "alpha_grid": OptionCheck("a list of distinct finite positive numbers or null", "[0.5,1.0]", _alpha_grid,
+                              optional=True),
+    "validation_taskpool": OptionCheck(
+        "a task pool config (with _target_), the name of one, or null",
+        "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val",
+        _taskpool, optional=True),
     "exclude_keys": OptionCheck("a list of glob patterns or null", "['*text_projection*']", _patterns, optional=True),
     "rank": OptionCheck("a positive integer or null", "16", _integer(1), optional=True),
     "fraction": OptionCheck("a number in (0, 1] or null", "0.125", _in_unit_interval, optional=True),

@@ -11,7 +11,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["per_layer_bars", "heatmap"]
+__all__ = ["curves", "per_layer_bars", "heatmap"]
 
 
 def per_layer_bars(
@@ -70,4 +70,32 @@ def heatmap(
                     continue
                 color = "black" if values[i, j] > threshold else "white"
                 ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7, color=color)
+    return fig
+
+
+def curves(
+    x: Sequence[float],
+    series: Mapping[str, Sequence[float]],
+    *,
+    thin: Optional[Mapping[str, Sequence[float]]] = None,
+    marker: Optional[tuple[float, float]] = None,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+) -> Figure:
+    """Lines of ``series`` against ``x`` (thick, with points), ``thin`` ones behind them, and an optional
+    star at ``marker`` = (x, y)."""
+    fig = Figure(figsize=(7.0, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for name, values in (thin or {}).items():
+        ax.plot(x, np.asarray(values, dtype=float), linewidth=0.8, alpha=0.5, label=name)
+    for name, values in series.items():
+        ax.plot(x, np.asarray(values, dtype=float), "o-", linewidth=2.2, color="black", label=name)
+    if marker is not None:
+        ax.plot([marker[0]], [marker[1]], "*", markersize=16, color="tab:red", label=f"best ({marker[0]:g})")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside right center", fontsize=8)
     return fig

@@ -21,13 +21,16 @@ Example (20 CLIP ViT-B/32 tasks)::
         modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TALL20_model_only \
         taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TALL20
 
-The options, their defaults and meaning: ``config/method/tsv/tsv_merge.yaml``.
+With ``alpha_grid`` (and ``validation_taskpool``), α is chosen on validation tasks from one merge
+(:mod:`fusion_bench_tsv.methods.alpha_grid`). The options, their defaults and meaning:
+``config/method/tsv/tsv_merge.yaml``.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional, Sequence, Union
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,10 +41,12 @@ from fusion_bench.mixins import auto_register_config
 from ..functional import DEFAULT_SVD_METHOD, compute_dtype
 from ..io.hf_checkpoint import save_hf_model
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
+from ..io.outputs import output_dir
 from ..io.streaming import iter_finetuned_states, open_lazy_states
 from ..runtime.merge_job import ParameterMerge, merge_parameters
 from ..runtime.parallel import resolve_workers
 from ..runtime.sharding import send_to_rank_zero, split_by_size
+from .alpha_grid import OUTPUT_NAME, UpdateMerge, load_taskpool, run_alpha_grid, write_outputs
 from .base import Opening, TSVAlgorithmBase
 from .options import validate_options
 
@@ -85,6 +90,8 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         save_tokenizer: also save the pool's tokenizer to ``save_path``.
         num_workers: threads that decompose matrices side by side (None: the CPU cores, 1 on a GPU).
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
+        alpha_grid: values of α tried on ``validation_taskpool``; the best one is returned (None: ``alpha``).
+        validation_taskpool: the task pool (config, config name or instance) that chooses α from ``alpha_grid``.
 
     With a Fabric strategy of several processes the parameters are split across the ranks by size and
     rank 0 assembles the merged model, bitwise the one a single process makes; other ranks return None.
@@ -107,9 +114,12 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         save_tokenizer: bool = True,
         num_workers: Optional[int] = None,
         allow_missing_keys: bool = False,
+        alpha_grid: Optional[Sequence[float]] = None,
+        validation_taskpool: Optional[Any] = None,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
+        self.alpha_grid_results: Optional[dict] = None
 
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
@@ -117,6 +127,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         ranks of a multi-process Fabric run return None)."""
         modelpool = self.coerce_pool(modelpool)
         self.output_path()  # refuses a save_path in use before anything is computed
+        validation = self._open_alpha_grid()
         opening = self.open_pool(modelpool, "merge")
         base, world, rank = opening.base, self.fabric.world_size, self.fabric.global_rank
         self._log_setup(opening)
@@ -125,23 +136,29 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         mine = split_by_size({k: base[k].numel() for k in keys}, world)[rank]
         workers = resolve_workers(self.num_workers, opening.device, world)
         log.info(f"TSV-M: rank {rank}/{world} merges {len(mine)} of {len(keys)} parameters on {workers} worker thread(s)")
-        merge = ParameterMerge(opening.ranks, *resolve_alpha(self.alpha, opening.num_tasks), opening.device,
-                               self.svd_method, timer=self.record_time)
+        task_scales, final_scale = resolve_alpha(self.alpha, opening.num_tasks)
+        updates: Dict[str, Tensor] = {}  # M per parameter, with alpha_grid
+        merge = (UpdateMerge if self.alpha_grid else ParameterMerge)(
+            opening.ranks, task_scales, final_scale, opening.device, self.svd_method, timer=self.record_time)
         results: Dict[str, Tensor] = {}
         lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
         finetuned = None if lazy_states is not None else iter_finetuned_states(
             modelpool, base, desc="TSV-M: task vectors", show_pbar=self.show_pbar, profile=self.profile,
             lazy=self.lazy_loading, allow_missing_keys=self.allow_missing_keys,
         )
-        write = (lambda key, value: base[key].copy_(value)) if rank == 0 else results.__setitem__
+        write = updates.__setitem__ if self.alpha_grid else (lambda key, value: base[key].copy_(value))
+        write = write if rank == 0 else results.__setitem__
         merge_parameters(merge, base, mine, write, workers=workers, lazy_states=lazy_states, finetuned=finetuned,
                          show_pbar=self.show_pbar)
         if world > 1:
             with self.profile("gather on rank 0"):
-                send_to_rank_zero(self.fabric, results, lambda key, value: base[key].copy_(value))
-        self.print_profile_summary("TSV-M profile")
+                send_to_rank_zero(self.fabric, results, write)
         if rank != 0:
+            self.print_profile_summary("TSV-M profile")
             return None
+        if self.alpha_grid:
+            self._choose_alpha(opening.pretrained, updates, task_scales, *validation)
+        self.print_profile_summary("TSV-M profile")
         if self.save_path is not None:
             with self.profile("save"):
                 self.save(opening.pretrained, modelpool)
@@ -154,6 +171,41 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             tokenizer = modelpool.load_tokenizer()
         return str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
 
+    def _open_alpha_grid(self) -> tuple[Any, Optional[Path]]:
+        """With ``alpha_grid``: refuse what cannot work before anything is computed; the validation task pool
+        (instantiated, not set up) and the output directory."""
+        if not self.alpha_grid:
+            return None, None
+        if self.validation_taskpool is None:
+            raise ValueError(
+                "TSVMergeAlgorithm: option 'alpha_grid' needs option 'validation_taskpool', the task pool that "
+                "chooses alpha, e.g. method.validation_taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
+            )
+        if self.fabric.world_size > 1:
+            raise ValueError(
+                f"TSVMergeAlgorithm: option 'alpha_grid' runs in one process; this Fabric run has "
+                f"{self.fabric.world_size}: run it with fabric.devices=1, or give a single alpha"
+            )
+        if not isinstance(self.alpha, (list, tuple)) and self.alpha not in (None, 1.0):
+            log.warning(f"TSV-M: option 'alpha'={self.alpha} is ignored: alpha_grid chooses alpha")
+        out_dir = None
+        if self.log_dir is not None:
+            out_dir = output_dir(f"{{log_dir}}/{OUTPUT_NAME}", self.log_dir, OUTPUT_NAME, self.method_name,
+                                 option="alpha_grid")
+        return load_taskpool(self.validation_taskpool, self.fabric), out_dir
+
+    def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
+                      out_dir: Optional[Path]) -> None:
+        """Evaluate the alpha grid on the validation task pool, leave ``model`` at the best alpha, write the curve."""
+        scales = task_scales if isinstance(self.alpha, (list, tuple)) else None
+        self.alpha_grid_results = run_alpha_grid(model, updates, self.alpha_grid, taskpool, task_scales=scales,
+                                                 profile=self.profile)
+        updates.clear()  # M is freed before the model is saved and tested
+        best = self.alpha_grid_results["best"]
+        self.fabric.log_dict({"alpha_grid/best_alpha": best["alpha"], "alpha_grid/best_accuracy": best["accuracy"]})
+        with self.profile("write outputs"):
+            write_outputs(out_dir, self.alpha_grid_results)
+
     def _log_setup(self, opening: Opening) -> None:
         base, matrix_keys, num_tasks = opening.base, opening.matrix_keys, opening.num_tasks
         dtypes = sorted({str(base[k].dtype) for k in matrix_keys + opening.other_keys})
@@ -162,6 +214,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
             f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
             f"(computed in {', '.join(computed) or '-'}); {len(matrix_keys)} matrices decomposed, "
             f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
+            + (f", alpha_grid={self.alpha_grid}" if self.alpha_grid else "")
         )
         low = [k for k in matrix_keys if min(base[k].shape) < num_tasks]
         if low:

@@ -23,7 +23,7 @@ from ..io.streaming import iter_layers
 from .parallel import LayerExecutor
 from .timing import Timer, timed
 
-__all__ = ["ParameterJob", "ParameterMerge", "merge_parameters"]
+__all__ = ["ParameterJob", "ParameterMerge", "add_scaled", "merge_parameters"]
 
 class ParameterMerge:
     """TSV-M of one parameter, shared by the layer-outer and the model-outer loop.
@@ -81,15 +81,22 @@ class ParameterMerge:
             return (acc or []) + [part]
         return part if acc is None else acc.add_(part)
 
+    def update(self, acc) -> Tensor:
+        """The merged update ``M`` (``U⊥ΣV⊥ᵀ``, or the mean of the task vectors) in the compute dtype, on the
+        compute device, from the accumulated parts ``acc`` of all T tasks (consumed)."""
+        if isinstance(acc, list):
+            return tsv_merge_factors(acc, self.method)
+        return acc.div_(self.num_tasks)
+
     def merged(self, theta0: Tensor, acc) -> Tensor:
         """``θ₀ + α·M`` in θ₀'s dtype and device, from the accumulated parts ``acc`` of all T tasks."""
         with timed(self.timer, "merge"):
-            if isinstance(acc, list):
-                update = tsv_merge_factors(acc, self.method)
-            else:
-                update = acc.div_(self.num_tasks)
-            update.mul_(self.final_scale)
-            return (theta0.to(self.device, update.dtype) + update).to(theta0.device, theta0.dtype)
+            return add_scaled(theta0, self.update(acc), self.final_scale)
+
+
+def add_scaled(theta0: Tensor, update: Tensor, scale: float) -> Tensor:
+    """``θ₀ + scale·update`` computed in ``update``'s dtype and device, returned in θ₀'s dtype and device."""
+    return (theta0.to(update.device, update.dtype) + update * scale).to(theta0.device, theta0.dtype)
 
 
 class ParameterJob:

@@ -1,0 +1,201 @@
+"""TSV-M's α chosen on validation tasks (options ``alpha_grid`` and ``validation_taskpool``).
+
+With a scalar α the merged update ``M = U⊥ΣV⊥ᵀ`` does not depend on α, so the grid costs one merge and
+one validation pass per α: :class:`UpdateMerge` makes the merge job return ``M`` itself (kept in the
+compute dtype, float32 or float64, on θ₀'s device), :func:`run_alpha_grid` forms ``θ₀ + α·M`` in place
+in the model for each α (with :func:`~fusion_bench_tsv.runtime.merge_job.add_scaled`, the merge job's own
+formula), evaluates it with the validation task pool, and leaves the model at the best α (ties: the
+smaller α, the smaller change to θ₀). Memory: ``M`` and a copy of θ₀'s merged parameters, about two
+models beside the returned one. :func:`write_outputs` writes ``alpha_grid.json`` and ``alpha_grid.png``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..functional import compute_dtype
+from ..io.keys import state_dict_of
+from ..io.outputs import write_output_dir
+from ..runtime.merge_job import ParameterMerge, add_scaled
+from ..runtime.timing import timed
+
+log = logging.getLogger(__name__)
+
+__all__ = ["OUTPUT_NAME", "UpdateMerge", "load_taskpool", "run_alpha_grid", "validation_accuracy", "write_outputs"]
+
+OUTPUT_NAME = "alpha_grid"
+"""The directory in the run's log dir that holds ``alpha_grid.json`` and ``alpha_grid.png``."""
+
+
+class UpdateMerge(ParameterMerge):
+    """The merge job's per-parameter merge returning the merged update ``M`` (unscaled, not added to θ₀),
+    in ``compute_dtype(θ₀.dtype)`` on θ₀'s device."""
+
+    def merged(self, theta0: Tensor, acc) -> Tensor:
+        with timed(self.timer, "merge"):
+            return self.update(acc).to(theta0.device, compute_dtype(theta0.dtype))
+
+
+def _available_val_configs() -> List[str]:
+    """Task pool configs named ``*_val`` on the search path of the initialized Hydra, for error hints."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    loader = GlobalHydra.instance().config_loader()
+    names = []
+    for group in ["", *loader.get_group_options("taskpool", results_filter=ObjectType.GROUP)]:
+        path = f"taskpool/{group}".rstrip("/")
+        names += [f"{group}/{n}".lstrip("/") for n in loader.get_group_options(path, results_filter=ObjectType.CONFIG)
+                  if n.endswith("_val")]
+    return sorted(names)
+
+
+def _compose_taskpool(name: str):
+    """The task pool config ``name`` (``taskpool=<name>`` of the CLI), composed with Hydra: with the running
+    CLI's search path when Hydra is initialized, else from the config directory the CLI would use."""
+    from fusion_bench.utils.hydra_utils import get_default_config_path
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+
+    def composed():
+        try:
+            return compose(overrides=[f"+taskpool={name}"]).taskpool
+        except HydraException as e:
+            raise ValueError(
+                f"TSVMergeAlgorithm: option 'validation_taskpool'={name!r} is not a task pool config "
+                f"({type(e).__name__}: {str(e).splitlines()[0]}); validation task pools found: "
+                f"{', '.join(_available_val_configs())}"
+            ) from None
+
+    if GlobalHydra.instance().is_initialized():
+        return composed()
+    with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
+        return composed()
+
+
+def load_taskpool(spec: Any, fabric) -> Any:
+    """The task pool ``spec`` names (a config name, a config with ``_target_``, or a task pool), set up to run
+    on ``fabric``'s device without its loggers (FusionBench's task pools write ``report.json`` into the
+    log dir of a Fabric with loggers: the validation passes must not take the test report's name)."""
+    from fusion_bench import instantiate
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(spec, str):
+        spec = _compose_taskpool(spec)
+    if isinstance(spec, Mapping):
+        config = spec if isinstance(spec, DictConfig) else OmegaConf.create(dict(spec))
+        taskpool = instantiate(config, _recursive_=config.get("_recursive_", False))
+    else:
+        taskpool = spec
+    if hasattr(taskpool, "_fabric_instance") and fabric is not None:
+        quiet = copy.copy(fabric)
+        quiet._loggers = []
+        taskpool._fabric_instance = quiet
+    return taskpool
+
+
+def validation_accuracy(report: Mapping[str, Any]) -> tuple[float, Dict[str, float]]:
+    """The average accuracy of a FusionBench task pool report and the accuracy of each task."""
+    average = report.get("average", {}).get("accuracy") if isinstance(report.get("average"), Mapping) else None
+    if average is None:
+        raise ValueError(
+            f"TSVMergeAlgorithm: the validation task pool's report has no average accuracy "
+            f"(report['average']['accuracy']); its keys: {list(report)}. Give a task pool that reports accuracy"
+        )
+    per_task = {k: float(v["accuracy"]) for k, v in report.items()
+                if k != "average" and isinstance(v, Mapping) and "accuracy" in v}
+    return float(average), per_task
+
+
+def _set_alpha(model: nn.Module, theta0: Mapping[str, Tensor], updates: Mapping[str, Tensor], alpha: float) -> None:
+    """Write ``θ₀ + α·M`` into ``model``'s parameters (wherever the task pool moved them)."""
+    current = state_dict_of(model)
+    for key, update in updates.items():
+        current[key].copy_(add_scaled(theta0[key], update, alpha))
+
+
+# over ~40 lines only by its docstring (one line per argument)
+@torch.no_grad()
+def run_alpha_grid(
+    model: nn.Module,
+    updates: Mapping[str, Tensor],
+    grid: Sequence[float],
+    taskpool: Any,
+    *,
+    task_scales: Optional[Sequence[float]] = None,
+    profile: Callable[[str], ContextManager] = lambda action: nullcontext(),
+) -> Dict[str, Any]:
+    """Evaluate ``θ₀ + α·M`` for each α of ``grid`` and leave ``model`` at the best α; the results.
+
+    Args:
+        model: θ₀ on entry (its state dict holds θ₀ for every key of ``updates``); the best model on return.
+        updates: ``M`` of every merged parameter (one per storage).
+        grid: the values of α, in the order they are evaluated.
+        taskpool: the validation task pool (``evaluate(model)`` → a report with ``average.accuracy``).
+        task_scales: the per-task scales applied before the SVD (option ``alpha`` as a list), recorded.
+        profile: a context-manager factory timing ``"evaluate"``.
+    """
+    base = state_dict_of(model)
+    theta0 = {key: base[key].detach().clone() for key in updates}
+    device = next(iter(base.values())).device if base else None
+    curve: List[Dict[str, Any]] = []
+    for alpha in grid:
+        _set_alpha(model, theta0, updates, alpha)
+        with profile("evaluate"):
+            average, per_task = validation_accuracy(taskpool.evaluate(model))
+        log.info(f"TSV-M alpha grid: alpha={alpha:g}: validation accuracy {100 * average:.2f}%")
+        curve.append({"alpha": alpha, "accuracy": average, "per_task": per_task})
+    best = max(curve, key=lambda point: (point["accuracy"], -point["alpha"]))
+    if device is not None:
+        model.to(device)  # a task pool may have moved it to its own device
+    _set_alpha(model, theta0, updates, best["alpha"])
+    log.info(f"TSV-M alpha grid: best alpha={best['alpha']:g} (validation accuracy {100 * best['accuracy']:.2f}%)")
+    return {
+        "method": "TSV-M",
+        "selection": "the alpha of highest average validation accuracy; ties: the smaller alpha",
+        "grid": list(grid),
+        "task_scales": list(task_scales) if task_scales is not None else None,
+        "best": {"alpha": best["alpha"], "accuracy": best["accuracy"], "per_task": best["per_task"]},
+        "curve": curve,
+    }
+
+
+def write_files(out_dir: Path, results: Mapping[str, Any]) -> None:
+    """``alpha_grid.json`` and ``alpha_grid.png`` (validation accuracy against α, per task and on average)."""
+    from .plots import curves
+
+    (out_dir / "alpha_grid.json").write_text(json.dumps(results, indent=1))
+    alphas = [p["alpha"] for p in results["curve"]]
+    series = {task: [100 * p["per_task"].get(task, float("nan")) for p in results["curve"]]
+              for task in results["curve"][0]["per_task"]}
+    best = results["best"]
+    fig = curves(
+        alphas,
+        {"average": [100 * p["accuracy"] for p in results["curve"]]},
+        thin=series,
+        marker=(best["alpha"], 100 * best["accuracy"]),
+        title=f"TSV-M: validation accuracy against alpha (best alpha={best['alpha']:g})",
+        xlabel="alpha",
+        ylabel="validation accuracy (%)",
+    )
+    fig.savefig(out_dir / "alpha_grid.png", format="png", dpi=120)
+
+
+def write_outputs(out_dir: Optional[Path], results: Mapping[str, Any]) -> Optional[Path]:
+    """The two files, written together as one directory (:func:`~fusion_bench_tsv.io.outputs.write_output_dir`);
+    only a warning when ``out_dir`` is None."""
+    if out_dir is None:
+        log.warning("TSV-M: no Fabric log directory: the alpha grid's results are only in self.alpha_grid_results")
+        return None
+    path = write_output_dir(out_dir, lambda tmp: write_files(tmp, results), "TSV-M", option="alpha_grid")
+    log.info(f"TSV-M: alpha grid written to {path}")
+    return path
