@@ -42,12 +42,15 @@ from ..io.streaming import iter_finetuned_states, open_lazy_states
 from ..runtime.merge_job import ParameterMerge, merge_parameters
 from ..runtime.parallel import resolve_workers
 from ..runtime.sharding import send_to_rank_zero, split_by_size
-from .base import Opening, TSVAlgorithmBase
+from .base import Opening, TSVAlgorithmBase, rank_report
 from .options import validate_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TSVMergeAlgorithm", "resolve_alpha"]
+__all__ = ["RANK_REPORT_FILE", "TSVMergeAlgorithm", "resolve_alpha"]
+
+#: The per-matrix kept and dropped singular triplets (:func:`~.base.rank_report`), written in the log dir.
+RANK_REPORT_FILE = "tsv_merge_ranks.json"
 
 
 def resolve_alpha(alpha: Union[float, Sequence[float], None], num_tasks: int) -> tuple[List[float], float]:
@@ -85,6 +88,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         save_tokenizer: also save the pool's tokenizer to ``save_path``.
         num_workers: threads that decompose matrices side by side (None: the CPU cores, 1 on a GPU).
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
+        rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k triplets.
 
     With a Fabric strategy of several processes the parameters are split across the ranks by size and
     rank 0 assembles the merged model, bitwise the one a single process makes; other ranks return None.
@@ -107,6 +111,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         save_tokenizer: bool = True,
         num_workers: Optional[int] = None,
         allow_missing_keys: bool = False,
+        rank_revealing: bool = True,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
@@ -126,7 +131,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         workers = resolve_workers(self.num_workers, opening.device, world)
         log.info(f"TSV-M: rank {rank}/{world} merges {len(mine)} of {len(keys)} parameters on {workers} worker thread(s)")
         merge = ParameterMerge(opening.ranks, *resolve_alpha(self.alpha, opening.num_tasks), opening.device,
-                               self.svd_method, timer=self.record_time)
+                               self.svd_method, timer=self.record_time, theta_rms=opening.theta_rms)
         results: Dict[str, Tensor] = {}
         lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
         finetuned = None if lazy_states is not None else iter_finetuned_states(
@@ -139,9 +144,14 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         if world > 1:
             with self.profile("gather on rank 0"):
                 send_to_rank_zero(self.fabric, results, lambda key, value: base[key].copy_(value))
+                send_to_rank_zero(self.fabric, {k: torch.tensor(v) for k, v in merge.kept.items()},
+                                  lambda key, value: merge.kept.__setitem__(key, value.tolist()))
         self.print_profile_summary("TSV-M profile")
         if rank != 0:
             return None
+        kept = {key: merge.kept[key] for key in keys if key in merge.kept}  # in model order
+        self.save_rank_report(rank_report(opening.names, {k: base[k].shape for k in kept}, opening.ranks, kept,
+                                          self.rank_revealing), RANK_REPORT_FILE)
         if self.save_path is not None:
             with self.profile("save"):
                 self.save(opening.pretrained, modelpool)
