@@ -160,8 +160,9 @@ def rank_report(
     return {
         "rank_revealing": rank_revealing,
         "tasks": list(names),
-        "kept_counts": "singular triplets of each task's update that the method used (σ above the numerical-rank "
-                       "threshold with rank revealing; k otherwise, less any σ = 0 of a zero update)",
+        "kept_counts": "per matrix and task, the singular triplets of the update the method kept (at most the "
+                       "numerical rank with rank revealing, else k; TSV-M counts those with sigma != 0 that entered "
+                       "the merge, TSV-C those stored); dropped = sum over tasks of k - kept",
         "totals": {"matrices": len(layers), "kept": sum(g["kept"] for g in by_shape),
                    "dropped": sum(g["dropped"] or 0 for g in by_shape)},
         "by_shape": by_shape,
