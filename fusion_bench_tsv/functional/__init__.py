@@ -24,7 +24,16 @@ from .interference import (
     truncate_factors,
 )
 from .merge import tsv_merge_factors, tsv_merge_matrix
-from .rank import STORAGE_NOISE_FACTOR, numerical_rank, rank_threshold, roundoff_floor, storage_noise_floor
+from .rank import (
+    STORAGE_NOISE_FACTOR,
+    coarsest_dtype,
+    numerical_rank,
+    rank_options,
+    rank_threshold,
+    roundoff_floor,
+    storage_noise_floor,
+    weight_rms,
+)
 from .svd import (
     DEFAULT_SVD_METHOD,
     GRAM_COND_LIMIT,
@@ -46,6 +55,7 @@ __all__ = [
     "check_rank_options",
     "compress_matrix",
     "check_svd_method",
+    "coarsest_dtype",
     "compute_dtype",
     "concat_factors",
     "DEFAULT_SVD_METHOD",
@@ -63,6 +73,7 @@ __all__ = [
     "orthogonalize",
     "pairwise_singular_task_interference",
     "pairwise_sti_from_factors",
+    "rank_options",
     "rank_threshold",
     "reconstruct",
     "roundoff_floor",
@@ -77,4 +88,5 @@ __all__ = [
     "truncated_svd",
     "tsv_merge_factors",
     "tsv_merge_matrix",
+    "weight_rms",
 ]

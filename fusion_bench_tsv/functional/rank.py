@@ -39,17 +39,20 @@ rows can have noise above the floor, and then noise triplets are kept, as withou
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Dict, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "STORAGE_NOISE_FACTOR",
+    "coarsest_dtype",
     "numerical_rank",
+    "rank_options",
     "rank_threshold",
     "roundoff_floor",
     "storage_noise_floor",
+    "weight_rms",
 ]
 
 #: :math:`c_s` of the storage noise floor :math:`c_s u_s \bar\theta(\sqrt m+\sqrt n)` (module docstring).
@@ -126,3 +129,27 @@ def numerical_rank(
         float(s[0]), shape, s.dtype if dtype is None else dtype, storage_dtype=storage_dtype, weight_rms=weight_rms
     )
     return int((s > tau).sum())
+
+
+def weight_rms(weights: Tensor) -> float:
+    r""":math:`\bar\theta`, the RMS of ``weights`` accumulated in float64 (one pass)."""
+    if weights.numel() == 0:
+        return 0.0
+    return float(torch.linalg.vector_norm(weights.detach(), dtype=torch.float64)) / math.sqrt(weights.numel())
+
+
+def coarsest_dtype(dtypes: Iterable[torch.dtype]) -> torch.dtype:
+    """Of floating ``dtypes``, the one with the largest machine epsilon: its rounding dominates the noise."""
+    dtypes = list(dtypes)
+    if not dtypes:
+        raise ValueError("coarsest_dtype needs at least one dtype")
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
+def rank_options(theta_rms: Optional[float], storage_dtypes: Iterable[torch.dtype] = ()) -> Dict[str, Any]:
+    """The rank-revealing keywords of :func:`~.svd.truncated_svd` (and of the TSV functions built on it) for
+    one task's matrix: with ``theta_rms`` (θ̄, :func:`weight_rms` of θ₀), rank revealing with the storage
+    floor of the coarsest of ``storage_dtypes`` (θ₀'s and the task checkpoint's dtypes); ``None``: the plain top-k."""
+    if theta_rms is None:
+        return {"rank_revealing": False}
+    return {"rank_revealing": True, "storage_dtype": coarsest_dtype(storage_dtypes), "weight_rms": theta_rms}

@@ -201,6 +201,11 @@ class SafetensorsState(Mapping[str, Tensor]):
         check_tensor_finite(value, self.model_name, key)
         return value
 
+    def stored_dtype(self, key: str) -> Optional[torch.dtype]:
+        """The dtype ``key`` is stored in (from the header, before the cast to the reference's dtype); None
+        for a dtype the reader does not support."""
+        return SAFETENSORS_DTYPES.get(self._entries[self.aliases.get(key, key)][2]["dtype"])
+
     def shape_of(self, key: str) -> torch.Size:
         return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
 

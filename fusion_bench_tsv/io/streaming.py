@@ -10,6 +10,7 @@ import gc
 import logging
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -19,7 +20,17 @@ from .safetensors_state import SafetensorsState
 
 log = logging.getLogger(__name__)
 
-__all__ = ["iter_finetuned_states", "iter_layers", "open_lazy_states", "release_memory"]
+__all__ = ["iter_finetuned_states", "iter_layers", "open_lazy_states", "release_memory", "stored_dtype"]
+
+
+def stored_dtype(state: Mapping[str, Tensor], key: str) -> torch.dtype:
+    """The dtype ``state[key]`` is stored in, without reading a lazily read tensor: the checkpoint's (its
+    safetensors header) for a :class:`SafetensorsState`, else the tensor's own (a loaded model's parameter)."""
+    if isinstance(state, SafetensorsState):
+        dtype = state.stored_dtype(key)
+        if dtype is not None:
+            return dtype
+    return state[key].dtype
 
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).

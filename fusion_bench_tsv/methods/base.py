@@ -4,18 +4,21 @@ output directory, a thread-safe profiler callback and the shape log.
 The opening sequence (:meth:`TSVAlgorithmBase.open_pool`): check the pool, load the pretrained model,
 copy it when the pool holds the caller's own instance, take its state dict, refuse NaN/Inf, split the
 parameters into decomposed matrices and the rest (``exclude_keys``), and compute every matrix's
-per-task rank (:meth:`TSVAlgorithmBase.layer_ranks`, which a method may override).
+per-task rank (:meth:`TSVAlgorithmBase.layer_ranks`, which a method may override) and, with rank revealing,
+every matrix's θ̄ (RMS of θ₀[key], the storage-noise floor's scale). :func:`rank_report` counts the singular
+triplets rank revealing dropped, per matrix and by shape.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Dict, List, Mapping, Optional, Union
+from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -23,14 +26,15 @@ from torch import Tensor, nn
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 
-from ..functional import layer_rank
+from ..functional import layer_rank, weight_rms
+from ..io.atomic import write_atomic
 from ..io.keys import check_finite, split_keys, state_dict_of
 from ..io.modelpool import as_modelpool, finetuned_model_names, load_pretrained_model
 from ..io.outputs import output_dir
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Opening", "TSVAlgorithmBase"]
+__all__ = ["Opening", "TSVAlgorithmBase", "log_rank_report", "rank_report"]
 
 
 @dataclass
@@ -45,6 +49,7 @@ class Opening:
     other_keys: List[str]  # the other floating parameters
     ranks: Dict[str, Optional[int]]  # per-task rank of every matrix (None: chosen per task, e.g. by energy)
     device: torch.device  # where the linear algebra runs
+    theta_rms: Optional[Dict[str, float]] = None  # θ̄ of every matrix with rank revealing; None: plain top-k
 
     @property
     def num_tasks(self) -> int:
@@ -53,7 +58,8 @@ class Opening:
 
 class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm):
     """The base of the three algorithms; a subclass sets :attr:`method_name` and :attr:`output_name` and
-    has the options ``rank``, ``exclude_keys``, ``device``, ``save_path`` and ``allow_missing_keys``."""
+    has the options ``rank``, ``exclude_keys``, ``device``, ``save_path``, ``allow_missing_keys`` and
+    ``rank_revealing``."""
 
     method_name: ClassVar[str] = "TSV"  # names the method in logs and errors
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
@@ -83,7 +89,9 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         check_finite(base, "_pretrained_")
         matrix_keys, other_keys = split_keys(base, list(self.exclude_keys or []))
         ranks = self.layer_ranks(base, matrix_keys, len(names))
-        opening = Opening(modelpool, names, pretrained, base, matrix_keys, other_keys, ranks, self.compute_device())
+        theta_rms = {key: weight_rms(base[key]) for key in matrix_keys} if self.rank_revealing else None
+        opening = Opening(modelpool, names, pretrained, base, matrix_keys, other_keys, ranks, self.compute_device(),
+                          theta_rms)
         self.log_shapes(opening)
         return opening
 
@@ -104,6 +112,14 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
             return None
         return output_dir(save_path, self.log_dir, self.output_name, self.method_name)
 
+    def save_rank_report(self, report: Mapping[str, Any], file_name: str) -> Optional[Path]:
+        """Log :func:`rank_report`'s summary and write the report as ``file_name`` in the log dir, atomically
+        (nothing is written without a log dir); the path written, or None."""
+        log_rank_report(self.method_name, report)
+        if self.log_dir is None:
+            return None
+        return write_atomic(Path(self.log_dir) / file_name, lambda p: p.write_text(json.dumps(report, indent=1)))
+
     def record_time(self, action: str, seconds: float) -> None:
         """Add ``seconds`` to the profiler's ``action`` from any thread (times of concurrent jobs add up)."""
         with _PROFILER_LOCK:
@@ -111,3 +127,63 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
 
 
 _PROFILER_LOCK = threading.Lock()
+
+
+def rank_report(
+    names: Sequence[str],
+    shapes: Mapping[str, Sequence[int]],
+    ranks: Mapping[str, Optional[int]],
+    kept: Mapping[str, Sequence[int]],
+    rank_revealing: bool,
+) -> Dict[str, Any]:
+    """How many singular triplets each task kept of every matrix of ``kept`` (plain values, for a JSON file).
+
+    ``layers``: per matrix its shape, k (None: chosen per task), the kept counts kᵢ of the tasks ``names``
+    and the dropped ones Σᵢ(k − kᵢ); ``by_shape``: the same summed over the matrices of one shape and k;
+    ``totals``: over all matrices."""
+    layers: Dict[str, Dict[str, Any]] = {}
+    groups: Dict[tuple, Dict[str, Any]] = {}
+    for key, counts in kept.items():
+        shape, k, counts = [int(d) for d in shapes[key]], ranks[key], [int(c) for c in counts]
+        dropped = None if k is None else sum(k - c for c in counts)
+        layers[key] = {"shape": shape, "k": k, "kept": counts, "dropped": dropped}
+        group = groups.setdefault((tuple(shape), k), {"shape": shape, "k": k, "matrices": 0, "rank_deficient": 0,
+                                                      "kept_min": min(counts), "kept_max": max(counts),
+                                                      "kept": 0, "dropped": None if k is None else 0})
+        group["matrices"] += 1
+        group["rank_deficient"] += int(bool(dropped))
+        group["kept_min"], group["kept_max"] = min(group["kept_min"], *counts), max(group["kept_max"], *counts)
+        group["kept"] += sum(counts)
+        if k is not None:
+            group["dropped"] += dropped
+    by_shape = [groups[g] for g in sorted(groups, key=str)]
+    return {
+        "rank_revealing": rank_revealing,
+        "tasks": list(names),
+        "kept_counts": "per matrix and task, the singular triplets of the update the method kept (at most the "
+                       "numerical rank with rank revealing, else k; TSV-M counts those with sigma != 0 that entered "
+                       "the merge, TSV-C those stored); dropped = sum over tasks of k - kept",
+        "totals": {"matrices": len(layers), "kept": sum(g["kept"] for g in by_shape),
+                   "dropped": sum(g["dropped"] or 0 for g in by_shape)},
+        "by_shape": by_shape,
+        "layers": layers,
+    }
+
+
+def log_rank_report(method_name: str, report: Mapping[str, Any]) -> None:
+    """One log line per shape and k of :func:`rank_report`, e.g. ``TSV-M: 4 matrices of shape (64, 64), k=8:
+    kept 4/8 per task on 8 tasks (128 dropped; 4 rank-deficient)``, and the total."""
+    t = len(report["tasks"])
+    for g in report["by_shape"]:
+        lo, hi = g["kept_min"], g["kept_max"]
+        span = str(lo) if lo == hi else f"{lo}-{hi}"
+        if g["k"] is None:
+            choice = f"k chosen per task: kept {span}"
+        else:
+            choice = f"k={g['k']}: kept {span}/{g['k']}"
+        dropped = "" if g["dropped"] is None else f" ({g['dropped']} dropped; {g['rank_deficient']} rank-deficient)"
+        log.info(f"{method_name}: {g['matrices']} matrices of shape {tuple(g['shape'])}, {choice} per task on "
+                 f"{t} tasks{dropped}")
+    totals = report["totals"]
+    log.info(f"{method_name}: rank revealing {'on' if report['rank_revealing'] else 'off'}: {totals['kept']} "
+             f"singular triplets kept, {totals['dropped']} dropped, over {totals['matrices']} matrices and {t} tasks")

@@ -264,6 +264,7 @@ OPTION_CHECKS: Dict[str, OptionCheck] = {
     "routed_eval": _BOOL,
     "evaluate_finetuned": _BOOL,
     "full_rank": _BOOL,
+    "rank_revealing": _BOOL,
 }
 """Every option of TSV-M, TSV-C and STI, by name (an option has the same meaning in each)."""
 

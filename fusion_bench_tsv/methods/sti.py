@@ -9,6 +9,9 @@ Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081, Eq. 4):
 - of their rank-k truncations (k = floor(min(m, n) / T) or ``rank``), as TSV-M uses them,
 - of the same rank-k factors after TSV-M's decorrelation (≈ 0 by construction when T·k ≤ min(m, n)),
 - each also normalized by ‖Σ‖₁ (the sum of the singular values) so that layers compare,
+- with rank revealing (``rank_revealing: true``, default) each task keeps at most the numerical rank of its
+  update (the row's ``kept``: kᵢ per task), so null-space vectors of rank-deficient (LoRA) updates, whose
+  basis is arbitrary, do not enter the interference,
 
 plus the mean pairwise cosine similarity of the task vectors (the coarse baseline) and the T × T
 pairwise STI at rank k, summed over layers. Nothing is returned to evaluate; it writes ``sti.json``,
@@ -35,7 +38,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +51,7 @@ from ..functional import (
     SVDFactors,
     compute_dtype,
     mean_pairwise_cosine,
+    rank_options,
     pairwise_sti_from_factors,
     sti_from_factors,
     task_cosine_similarity,
@@ -56,11 +60,11 @@ from ..functional import (
 )
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
 from ..io.outputs import write_output_dir
-from ..io.streaming import iter_finetuned_states
+from ..io.streaming import iter_finetuned_states, stored_dtype
 from ..runtime.parallel import bounded_threads
 from .base import TSVAlgorithmBase
 from .options import validate_options
-from .sti_report import CSV_COLUMNS, summarize, write_files
+from .sti_report import VALUE_COLUMNS, summarize, write_files
 
 log = logging.getLogger(__name__)
 
@@ -96,19 +100,22 @@ def layer_groups(
 
 
 def analyse_layer(
-    key: str, kept: list, k: int, device: torch.device, full_rank: bool, max_bytes: int
+    key: str, kept: list, k: int, device: torch.device, full_rank: bool, max_bytes: int,
+    options: Sequence[Dict[str, Any]] = (),
 ) -> Tuple[dict, Tensor, Tensor]:
     """One layer's CSV row and its T × T pairwise STI (raw and normalized, float64 on CPU).
 
     ``kept`` (the T task matrices with ``full_rank``, else their rank-``k`` factors) is consumed: each task
-    matrix is released once it is decomposed. ``max_bytes`` bounds the blocks of the interference product."""
+    matrix is released once it is decomposed. ``max_bytes`` bounds the blocks of the interference product.
+    ``options``: each task's rank-revealing keywords of the full-rank SVD (:func:`~fusion_bench_tsv.functional.rank_options`;
+    none: all triplets)."""
     if full_rank:
         kept = [d.to(device) for d in kept]
         cosine = mean_pairwise_cosine(task_cosine_similarity(kept))
         full = []
-        while kept:
+        for i in range(len(kept)):
             d = kept.pop(0)
-            full.append(truncated_svd(d, min(d.shape)))
+            full.append(truncated_svd(d, min(d.shape), **(options[i] if options else {})))
             del d
         factors = [truncate_factors(f, k) for f in full]
     else:
@@ -120,7 +127,7 @@ def analyse_layer(
         return float(t.double())
 
     m, n = factors[0].U.shape[0], factors[0].Vh.shape[1]
-    row = {"layer": key, "shape": f"{m}x{n}", "k": k}
+    row = {"layer": key, "shape": f"{m}x{n}", "k": k, "kept": [int(f.S.numel()) for f in factors]}
     sigma_l1 = torch.stack([f.S.abs().sum() for f in factors])  # ‖Σᵢ‖₁ of each task at rank k
     row["sti_full"] = value(sti_from_factors(full, max_bytes=max_bytes)) if full else None
     row["sti_full_normalized"] = row["sti_full"] / value(sum(f.S.abs().sum() for f in full)) if full else None
@@ -136,19 +143,27 @@ def analyse_layer(
 
 
 def keep_task(state: Mapping[str, Tensor], base: Mapping[str, Tensor], ranks: Mapping[str, int],
-              kept: Dict[str, list], device: torch.device, full_rank: bool, profile) -> None:
+              kept: Dict[str, list], device: torch.device, full_rank: bool, profile,
+              theta_rms: Optional[Mapping[str, float]] = None, options: Optional[Dict[str, list]] = None) -> None:
     """Append one task's full matrix (``full_rank``) or rank-k factors of every key of ``kept`` to it, on the CPU.
 
-    ``profile`` is a context-manager factory timing ``"truncated svd"``."""
+    ``profile`` is a context-manager factory timing ``"truncated svd"``. ``theta_rms``: θ̄ of every matrix, for
+    rank revealing (None: the plain top-k); the task's rank-revealing keywords are used for its factors and,
+    with ``full_rank``, appended to ``options[key]`` for :func:`analyse_layer`."""
     for key in kept:
         work = compute_dtype(base[key].dtype)
+        task_options = rank_options(None if theta_rms is None else theta_rms[key],
+                                    (base[key].dtype, stored_dtype(state, key)))
         with bounded_threads(base[key].numel()):
             delta = state[key].to(device, work) - base[key].to(device, work)
             if full_rank:
                 kept[key].append(delta.cpu())
+                if options is not None:
+                    options.setdefault(key, []).append(task_options)
             else:
                 with profile("truncated svd"):
-                    kept[key].append(SVDFactors(*(t.cpu() for t in truncated_svd(delta, ranks[key]))))
+                    factors = truncated_svd(delta, ranks[key], **task_options)
+                kept[key].append(SVDFactors(*(t.cpu() for t in factors)))
 
 
 @auto_register_config
@@ -166,6 +181,7 @@ class STIAnalysis(TSVAlgorithmBase):
         save_path: directory of the output files (None: ``<log_dir>/sti``).
         show_pbar: show progress bars.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
+        rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k (and full-rank) triplets.
 
     Without a log dir and without ``save_path`` nothing is written; the results stay in ``self.results``.
     """
@@ -184,6 +200,7 @@ class STIAnalysis(TSVAlgorithmBase):
         save_path: Optional[str] = None,
         show_pbar: bool = True,
         allow_missing_keys: bool = False,
+        rank_revealing: bool = True,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
@@ -212,19 +229,20 @@ class STIAnalysis(TSVAlgorithmBase):
         pairwise, pairwise_normalized = torch.zeros(2, len(names), len(names), dtype=torch.float64)
         for g, group in enumerate(groups):
             kept: Dict[str, list] = {k: [] for k in group}
+            options: Dict[str, list] = {}
             for _, _, state in iter_finetuned_states(
                 modelpool, base, desc=f"STI: pass {g + 1}/{len(groups)}", show_pbar=self.show_pbar,
                 profile=self.profile, allow_missing_keys=self.allow_missing_keys,
             ):
-                keep_task(state, base, ranks, kept, device, self.full_rank, self.profile)
+                keep_task(state, base, ranks, kept, device, self.full_rank, self.profile, opening.theta_rms, options)
             for key in tqdm(group, desc="STI: layers", leave=False, disable=not self.show_pbar):
                 with self.profile("interference"), bounded_threads(len(names) * base[key].numel()):
                     row, pair, pair_norm = analyse_layer(key, kept.pop(key), ranks[key], device, self.full_rank,
-                                                         self.block_bytes())
+                                                         self.block_bytes(), options.pop(key, ()))
                 rows.append(row)
                 pairwise += pair
                 pairwise_normalized += pair_norm
-                self.fabric.log_dict({f"sti/{c}": row[c] for c in CSV_COLUMNS[3:] if row[c] is not None}, step=len(rows) - 1)
+                self.fabric.log_dict({f"sti/{c}": row[c] for c in VALUE_COLUMNS if row[c] is not None}, step=len(rows) - 1)
         self.results = summarize(names, rows, pairwise, pairwise_normalized, self.rank, self.full_rank)
         self.fabric.log_dict({f"sti_total/{k}": v for k, v in self.results["totals"].items()}, step=0)
         log.info("STI totals: " + ", ".join(f"{k}={v:.6g}" for k, v in self.results["totals"].items()))

@@ -10,12 +10,13 @@ from typing import List, Mapping, Optional, Sequence
 
 from torch import Tensor
 
-__all__ = ["CSV_COLUMNS", "short_layer_names", "summarize", "write_files"]
+__all__ = ["CSV_COLUMNS", "VALUE_COLUMNS", "short_layer_names", "summarize", "write_files"]
 
 CSV_COLUMNS = [
     "layer",
     "shape",
     "k",
+    "kept",
     "sti_full",
     "sti_full_normalized",
     "sti",
@@ -24,7 +25,11 @@ CSV_COLUMNS = [
     "sti_decorrelated_normalized",
     "cosine_mean",
 ]
-"""One row per layer; the columns from the fourth on are the measured values (logged per layer)."""
+"""One row per layer: its name, shape, rank k, the triplets kᵢ each task kept (k, or fewer with rank revealing;
+space-separated in the CSV, a list in the JSON), then the measured values (:data:`VALUE_COLUMNS`)."""
+
+VALUE_COLUMNS = CSV_COLUMNS[4:]
+"""The measured values of a row, logged per layer."""
 
 
 def short_layer_names(keys: Sequence[str]) -> List[str]:
@@ -83,6 +88,13 @@ def summarize(
     }
 
 
+def _csv_cell(value):
+    """A CSV cell: empty for None, space-separated for a list (the kept ranks)."""
+    if value is None:
+        return ""
+    return " ".join(map(str, value)) if isinstance(value, list) else value
+
+
 def write_files(out_dir: Path, results: Mapping) -> None:
     """``sti.json``, ``sti.csv``, ``sti_per_layer.png`` and ``sti_pairwise.png`` of ``results`` into ``out_dir``."""
     from .plots import heatmap, per_layer_bars
@@ -92,7 +104,7 @@ def write_files(out_dir: Path, results: Mapping) -> None:
     writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in results["layers"]:
-        writer.writerow({c: ("" if row[c] is None else row[c]) for c in CSV_COLUMNS})
+        writer.writerow({c: _csv_cell(row[c]) for c in CSV_COLUMNS})
     (out_dir / "sti.csv").write_text(buffer.getvalue())
 
     rows = results["layers"]

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseModelPool
 from fusion_bench.mixins import auto_register_config
 
-from ..functional import check_rank_options, compress_matrix, compute_dtype, layer_rank
+from ..functional import check_rank_options, compress_matrix, compute_dtype, layer_rank, rank_options
 from ..io.compressed_checkpoint import (
     CompressedTask,
     build_task_model,
@@ -49,9 +49,9 @@ from ..io.compressed_checkpoint import (
     storage_accounting,
 )
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, state_dict_of
-from ..io.streaming import iter_finetuned_states
+from ..io.streaming import iter_finetuned_states, stored_dtype
 from ..runtime.parallel import bounded_threads
-from .base import TSVAlgorithmBase
+from .base import TSVAlgorithmBase, log_rank_report, rank_report
 from .options import float_dtype, validate_options
 from .routed_eval import print_summary, routed_evaluation, supports_routing, write_report
 
@@ -68,6 +68,7 @@ def compress_task(
     other_keys: Sequence[str],
     *,
     energy: Optional[float] = None,
+    theta_rms: Optional[Mapping[str, float]] = None,
     device: torch.device = torch.device("cpu"),
     factor_dtype: Optional[torch.dtype] = None,
     profile: Callable[[str], ContextManager] = lambda action: nullcontext(),
@@ -83,6 +84,8 @@ def compress_task(
         ranks: the matrices to compress and their rank k (None: chosen by ``energy``).
         other_keys: the parameters stored in full.
         energy: share of Σσ² kept when a rank is None.
+        theta_rms: θ̄ (RMS of θ₀) of every matrix: rank revealing with the storage-noise floor of the
+            coarsest of θ₀'s and the checkpoint's dtype (at most the numerical rank of Δ is kept); None: plain top-k.
         device: where the SVDs run.
         factor_dtype: dtype of the stored factors (None: each matrix's own dtype).
         profile: a context-manager factory timing ``"truncated svd"``.
@@ -93,9 +96,11 @@ def compress_task(
         work = compute_dtype(base[key].dtype)
         with bounded_threads(base[key].numel()):
             delta = state[key].to(device, work) - base[key].to(device, work)
+            options = rank_options(None if theta_rms is None else theta_rms[key],
+                                   (base[key].dtype, stored_dtype(state, key)))
             with profile("truncated svd"):
                 k = ranks[key]
-                factors = compress_matrix(delta, energy=energy) if k is None else compress_matrix(delta, k)
+                factors = compress_matrix(delta, k, energy=energy if k is None else None, **options)
         store = factor_dtype or base[key].dtype
         task.factors[key] = type(factors)(*(f.to("cpu", store).clone(memory_format=torch.contiguous_format) for f in factors))
     for key in other_keys:
@@ -121,6 +126,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         device: where the SVDs run (None: the Fabric device).
         show_pbar: show progress bars.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
+        rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k triplets.
     """
 
     method_name = "TSV-C"
@@ -139,6 +145,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         device: Optional[str] = None,
         show_pbar: bool = True,
         allow_missing_keys: bool = False,
+        rank_revealing: bool = True,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
@@ -152,14 +159,16 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
                 for key in keys}
 
     def rank_choice(self, num_tasks: int) -> Dict[str, Any]:
-        """The rank option in effect, as recorded in the checkpoint and the report."""
+        """The rank option in effect (and whether rank revealing caps it), as recorded in the checkpoint and the report."""
         if self.energy is not None:
-            return {"mode": "energy", "energy": self.energy}
-        if self.rank is not None:
-            return {"mode": "rank", "rank": self.rank}
-        if self.fraction is not None:
-            return {"mode": "fraction", "fraction": self.fraction}
-        return {"mode": "default", "fraction": f"1/{num_tasks}", "rule": "floor(min(m, n) / T), at least 1"}
+            choice = {"mode": "energy", "energy": self.energy}
+        elif self.rank is not None:
+            choice = {"mode": "rank", "rank": self.rank}
+        elif self.fraction is not None:
+            choice = {"mode": "fraction", "fraction": self.fraction}
+        else:
+            choice = {"mode": "default", "fraction": f"1/{num_tasks}", "rule": "floor(min(m, n) / T), at least 1"}
+        return {**choice, "rank_revealing": self.rank_revealing}
 
     @torch.no_grad()
     def compress(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]):
@@ -174,7 +183,8 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         )
         tasks = [
             compress_task(name, state, base, opening.ranks, opening.other_keys, energy=self.energy,
-                          device=opening.device, factor_dtype=factor_dtype, profile=self.profile, show_pbar=self.show_pbar)
+                          theta_rms=opening.theta_rms, device=opening.device, factor_dtype=factor_dtype,
+                          profile=self.profile, show_pbar=self.show_pbar)
             for _, name, state in iter_finetuned_states(
                 opening.modelpool, base, desc="TSV-C: task vectors", show_pbar=self.show_pbar, profile=self.profile,
                 allow_missing_keys=self.allow_missing_keys,
@@ -188,12 +198,23 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
             log.info(f"TSV-C: task '{t.name}': energy {self.energy} keeps k in [{min(ks)}, {max(ks)}], mean {sum(ks) / len(ks):.1f}")
         return opening.pretrained, tasks, storage
 
+    def rank_summary(self, pretrained: nn.Module, tasks: Sequence[CompressedTask]) -> Dict[str, Any]:
+        """The kept and dropped triplets of ``tasks`` (:func:`~.base.rank_report`: k is the rank choice's, kᵢ
+        what the checkpoint stores), logged."""
+        base = state_dict_of(pretrained)
+        kept = {key: [t.ranks[key] for t in tasks] for key in tasks[0].factors} if tasks else {}
+        ranks = self.layer_ranks(base, list(kept), len(tasks))
+        report = rank_report([t.name for t in tasks], {k: base[k].shape for k in kept}, ranks, kept, self.rank_revealing)
+        log_rank_report(self.method_name, report)
+        return report
+
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]):
         """Compress, optionally save, then evaluate (routed) or return ``{task: θ₀ + Δ̂ᵢ}``."""
         modelpool = self.coerce_pool(modelpool)
         checkpoint = self.output_path()  # refuses a save_path in use before anything is computed
         pretrained, tasks, storage = self.compress(modelpool)
+        ranks = self.rank_summary(pretrained, tasks)
         rank_choice = self.rank_choice(len(tasks))
         if checkpoint is not None:
             with self.profile("save checkpoint"):
@@ -205,7 +226,8 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
             report = routed_evaluation(taskpool, modelpool, pretrained, tasks, evaluate_finetuned=self.evaluate_finetuned,
                                        allow_missing_keys=self.allow_missing_keys, profile=self.profile,
                                        show_pbar=self.show_pbar)
-            report.update(storage=storage, rank_choice=rank_choice, checkpoint=None if checkpoint is None else str(checkpoint))
+            report.update(storage=storage, rank_choice=rank_choice, checkpoint=None if checkpoint is None else str(checkpoint),
+                          ranks=ranks)
             path = write_report(self.log_dir, report)
             self.print_profile_summary("TSV-C profile")
             print_summary(report, path)

@@ -47,12 +47,15 @@ from ..runtime.merge_job import ParameterMerge, merge_parameters
 from ..runtime.parallel import resolve_workers
 from ..runtime.sharding import send_to_rank_zero, split_by_size
 from .alpha_grid import OUTPUT_NAME, UpdateMerge, load_taskpool, run_alpha_grid, write_outputs
-from .base import Opening, TSVAlgorithmBase
+from .base import Opening, TSVAlgorithmBase, rank_report
 from .options import validate_options
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TSVMergeAlgorithm", "resolve_alpha"]
+__all__ = ["RANK_REPORT_FILE", "TSVMergeAlgorithm", "resolve_alpha"]
+
+#: The per-matrix kept and dropped singular triplets (:func:`~.base.rank_report`), written in the log dir.
+RANK_REPORT_FILE = "tsv_merge_ranks.json"
 
 
 def resolve_alpha(alpha: Union[float, Sequence[float], None], num_tasks: int) -> tuple[List[float], float]:
@@ -92,6 +95,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
         alpha_grid: values of α tried on ``validation_taskpool``; the best one is returned (None: ``alpha``).
         validation_taskpool: the task pool (config, config name or instance) that chooses α from ``alpha_grid``.
+        rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k triplets.
 
     With a Fabric strategy of several processes the parameters are split across the ranks by size and
     rank 0 assembles the merged model, bitwise the one a single process makes; other ranks return None.
@@ -116,6 +120,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         allow_missing_keys: bool = False,
         alpha_grid: Optional[Sequence[float]] = None,
         validation_taskpool: Optional[Any] = None,
+        rank_revealing: bool = True,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
@@ -139,7 +144,8 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         task_scales, final_scale = resolve_alpha(self.alpha, opening.num_tasks)
         updates: Dict[str, Tensor] = {}  # M per parameter, with alpha_grid
         merge = (UpdateMerge if self.alpha_grid else ParameterMerge)(
-            opening.ranks, task_scales, final_scale, opening.device, self.svd_method, timer=self.record_time)
+            opening.ranks, task_scales, final_scale, opening.device, self.svd_method, timer=self.record_time,
+            theta_rms=opening.theta_rms)
         results: Dict[str, Tensor] = {}
         lazy_states = open_lazy_states(modelpool, base, self.lazy_loading)
         finetuned = None if lazy_states is not None else iter_finetuned_states(
@@ -153,9 +159,14 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         if world > 1:
             with self.profile("gather on rank 0"):
                 send_to_rank_zero(self.fabric, results, write)
+                send_to_rank_zero(self.fabric, {k: torch.tensor(v) for k, v in merge.kept.items()},
+                                  lambda key, value: merge.kept.__setitem__(key, value.tolist()))
         if rank != 0:
             self.print_profile_summary("TSV-M profile")
             return None
+        kept = {key: merge.kept[key] for key in keys if key in merge.kept}  # in model order
+        self.save_rank_report(rank_report(opening.names, {k: base[k].shape for k in kept}, opening.ranks, kept,
+                                          self.rank_revealing), RANK_REPORT_FILE)
         if self.alpha_grid:
             self._choose_alpha(opening.pretrained, updates, task_scales, *validation)
         self.print_profile_summary("TSV-M profile")

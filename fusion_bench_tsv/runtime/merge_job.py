@@ -1,10 +1,15 @@
-"""TSV-M of one parameter, and the two loops that run it over a model with a worker pool.
+r"""TSV-M of one parameter, and the two loops that run it over a model with a worker pool.
 
 :class:`ParameterMerge` holds what a parameter's merge needs as plain values (ranks, α, device, SVD
 method) and a ``timer(action, seconds)`` callback; it never sees the algorithm. :func:`merge_parameters`
 runs it over the parameters either layer by layer (lazily read checkpoints: θ₀[key] and each task's
 [key] read, merged, written, freed) or model by model (one fine-tuned model resident at a time). The
 result of a parameter depends only on its inputs, never on the loop, the workers or the rank.
+
+With rank revealing (``theta_rms`` given) task i keeps :math:`k_i = \min(k, \mathrm{rank}_\tau(\alpha_i\Delta_i))`
+triplets (:mod:`~fusion_bench_tsv.functional.rank`: round-off floor, and the storage-noise floor of the
+coarsest of θ₀'s dtype and the dtype task i's checkpoint stores the parameter in); :attr:`ParameterMerge.kept`
+records, per matrix, how many triplets of each task entered the merge.
 """
 
 from __future__ import annotations
@@ -12,14 +17,21 @@ from __future__ import annotations
 import threading
 from collections import deque
 from concurrent.futures import Future
-from typing import Callable, Deque, Dict, Iterable, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Deque, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..functional import SVDFactors, compute_dtype, orthogonalization_method, truncated_svd, tsv_merge_factors
-from ..io.streaming import iter_layers
+from ..functional import (
+    SVDFactors,
+    compute_dtype,
+    orthogonalization_method,
+    rank_options,
+    truncated_svd,
+    tsv_merge_factors,
+)
+from ..io.streaming import iter_layers, stored_dtype
 from .parallel import LayerExecutor
 from .timing import Timer, timed
 
@@ -39,6 +51,8 @@ class ParameterMerge:
         device: where the linear algebra runs.
         svd_method: one of :data:`~fusion_bench_tsv.functional.SVD_METHODS`.
         timer: receives the time of each ``"truncated svd"`` and ``"merge"``.
+        theta_rms: θ̄ (RMS of θ₀) of every matrix key: rank revealing with the storage-noise floor
+            (:func:`~fusion_bench_tsv.functional.rank_options`); None: the plain top-k.
     """
 
     def __init__(
@@ -49,10 +63,15 @@ class ParameterMerge:
         device: torch.device,
         svd_method: str,
         timer: Optional[Timer] = None,
+        theta_rms: Optional[Mapping[str, float]] = None,
     ):
         self.ranks, self.task_scales, self.final_scale = ranks, list(task_scales), final_scale
         self.num_tasks, self.device, self.method, self.timer = len(self.task_scales), device, svd_method, timer
         self.gram = orthogonalization_method(svd_method) == "gram"
+        self.theta_rms = theta_rms
+        #: matrix key -> the number of task i's triplets that entered the merge (σ ≠ 0), for each task i
+        self.kept: Dict[str, List[int]] = {}
+        self._kept_lock = threading.Lock()
 
     def theta0_work(self, key: str, theta0: Tensor) -> Tensor:
         """θ₀[key] on the compute device in the dtype its task updates are computed in."""
@@ -63,16 +82,23 @@ class ParameterMerge:
             work = torch.float64
         return theta0.to(self.device, work)
 
-    def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int):
-        """Task i's contribution; ``theta0`` as it is or already converted by ``theta0_work``."""
+    def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int, storage_dtypes: Sequence[torch.dtype]):
+        """Task i's contribution; ``theta0`` as it is or already converted by ``theta0_work``;
+        ``storage_dtypes``: θ₀'s dtype and the dtype task i's checkpoint stores ``key`` in (rank revealing)."""
         theta0 = self.theta0_work(key, theta0)
         delta = value.to(self.device, theta0.dtype, copy=True).sub_(theta0)
         if self.task_scales[i] != 1.0:
             delta.mul_(self.task_scales[i])
-        if key in self.ranks:
-            with timed(self.timer, "truncated svd"):
-                return truncated_svd(delta, self.ranks[key], self.method)
-        return delta
+        if key not in self.ranks:
+            return delta
+        # the storage noise of αᵢΔᵢ is |αᵢ| times that of Δᵢ: the floor scales with θ̄
+        rms = None if self.theta_rms is None else abs(self.task_scales[i]) * self.theta_rms[key]
+        with timed(self.timer, "truncated svd"):
+            factors = truncated_svd(delta, self.ranks[key], self.method,
+                                    **rank_options(rms, storage_dtypes))
+        with self._kept_lock:
+            self.kept.setdefault(key, [0] * self.num_tasks)[i] = int((factors.S != 0).sum())
+        return factors
 
     @staticmethod
     def add(acc, part):
@@ -113,10 +139,12 @@ class ParameterJob:
         self.lock = threading.Lock()
         self.result: Future = Future()
 
-    def run_part(self, i: int, value: Tensor) -> None:
-        """Compute task i's part of the parameter from its tensor ``value``; merge when it is the last."""
+    def run_part(self, i: int, value: Tensor, stored: Optional[torch.dtype] = None) -> None:
+        """Compute task i's part of the parameter from its tensor ``value`` (stored in dtype ``stored``,
+        default θ₀'s); merge when it is the last."""
         try:
-            part = self.merge.task_part(self.key, self.theta0_work, value, i)
+            dtypes = (self.theta0.dtype, stored or self.theta0.dtype)
+            part = self.merge.task_part(self.key, self.theta0_work, value, i, dtypes)
             del value
             with self.lock:
                 self.early[i] = part
@@ -196,7 +224,7 @@ def _layer_outer(merge, base, keys, writer: _Writer, pool: LayerExecutor, lazy_s
             pool.room(cost)
             with timed(merge.timer, "read tensors"):
                 value = next(values)
-            pool.submit(job.run_part, i, value, cost=cost)
+            pool.submit(job.run_part, i, value, stored_dtype(lazy_states[i][1], key), cost=cost)
             del value
         writer.add(key, job.result)
         del job
@@ -211,7 +239,8 @@ def _model_outer(merge, base, keys, writer: _Writer, pool: LayerExecutor, finetu
             pool.room(base[key].nbytes)
             with timed(merge.timer, "read tensors"):
                 value = state[key]  # a SafetensorsState reads the tensor here
-            parts[key] = pool.submit(merge.task_part, key, base[key], value, i, cost=base[key].nbytes)
+            dtypes = (base[key].dtype, stored_dtype(state, key))
+            parts[key] = pool.submit(merge.task_part, key, base[key], value, i, dtypes, cost=base[key].nbytes)
             del value
         for key in keys:  # in task order, so sums are the same whatever the number of workers
             accs[key] = merge.add(accs.get(key), parts.pop(key).result())
