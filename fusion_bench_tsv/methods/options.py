@@ -115,17 +115,22 @@ def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
     return convert
 
 
+def _entries(values: Sequence[Any], convert: Callable[[Any], float]) -> List[float]:
+    """Every entry of a list converted, the first bad one named by its position."""
+    out = []
+    for i, v in enumerate(values):
+        try:
+            out.append(convert(v))
+        except _Invalid as e:
+            raise _Invalid(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
+    return out
+
+
 def _alpha(value: Any) -> Any:
     if _is_list(value):
         if len(value) == 0:
             raise _Invalid("an empty list")
-        values = []
-        for i, v in enumerate(value):
-            try:
-                values.append(_finite(v))
-            except _Invalid as e:
-                raise _Invalid(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
-        return values
+        return _entries(value, _finite)
     if isinstance(value, str):
         raise _Invalid("a string: give a number, or a list of numbers (one per task) as a list")
     return _finite(value)
@@ -134,12 +139,7 @@ def _alpha(value: Any) -> Any:
 def _alpha_grid(value: Any) -> List[float]:
     if not _is_list(value) or len(value) == 0:
         raise _Invalid("give the values of alpha to try as a list, e.g. [0.5, 1.0]")
-    values = []
-    for i, v in enumerate(value):
-        try:
-            values.append(_positive(v))
-        except _Invalid as e:
-            raise _Invalid(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
+    values = _entries(value, _positive)
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
         raise _Invalid(f"{repeated} appear more than once")
