@@ -132,6 +132,6 @@ def test_pull_request_on_fusion_bench_sdist(sdist, tmp_path):
 
     proc = _run([python, "-m", "unittest", "discover", "-v", "-s", "./tests", "-p", "test_*.py"], src,
                 "FusionBench's tests with tests/test_tsv.py", timeout=600)
-    expected = (UPSTREAM / "pr" / "tests" / "test_tsv.py").read_text().count("    def test_")
+    expected = (UPSTREAM / "src" / "tests" / "test_tsv.py").read_text().count("    def test_")  # the PR test source
     ran = len(re.findall(r"^test_\w+ \(test_tsv\.\w+\.test_\w+\)", proc.stderr, flags=re.M))
     assert ran == expected, f"{ran} of the {expected} tests of tests/test_tsv.py ran:\n{proc.stderr[-3000:]}"
