@@ -23,13 +23,13 @@ from torch import Tensor, nn
 
 from ..functional import compute_dtype
 from ..io.keys import state_dict_of
-from ..io.outputs import write_output_dir
+from ..io.outputs import output_dir, write_output_dir
 from ..runtime.merge_job import ParameterMerge, add_scaled
 from ..runtime.timing import timed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OUTPUT_NAME", "UpdateMerge", "load_taskpool", "run_alpha_grid", "validation_accuracy", "write_outputs"]
+__all__ = ["OUTPUT_NAME", "UpdateMerge", "load_taskpool", "open_alpha_grid", "run_alpha_grid", "validation_accuracy", "write_outputs"]
 
 OUTPUT_NAME = "alpha_grid"
 """The directory in the run's log dir that holds ``alpha_grid.json`` and ``alpha_grid.png``."""
@@ -80,6 +80,31 @@ def _compose_taskpool(name: str):
         return composed()
     with initialize_config_dir(config_dir=get_default_config_path(), version_base=None):
         return composed()
+
+
+def open_alpha_grid(alpha_grid: Optional[Sequence[float]], validation_taskpool: Any, alpha: Any, fabric,
+                    log_dir: Optional[str]) -> tuple[Any, Optional[Path]]:
+    """With ``alpha_grid``: refuse what cannot work before anything is computed; return the validation task
+    pool (instantiated, not set up) and the output directory (None without a log dir). ``(None, None)``
+    without a grid."""
+    if not alpha_grid:
+        return None, None
+    if validation_taskpool is None:
+        raise ValueError(
+            "TSVMergeAlgorithm: option 'alpha_grid' needs option 'validation_taskpool', the task pool that "
+            "chooses alpha, e.g. method.validation_taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
+        )
+    if fabric.world_size > 1:
+        raise ValueError(
+            f"TSVMergeAlgorithm: option 'alpha_grid' runs in one process; this Fabric run has "
+            f"{fabric.world_size}: run it with fabric.devices=1, or give a single alpha"
+        )
+    if not isinstance(alpha, (list, tuple)) and alpha not in (None, 1.0):
+        log.warning(f"TSV-M: option 'alpha'={alpha} is ignored: alpha_grid chooses alpha")
+    out_dir = None
+    if log_dir is not None:
+        out_dir = output_dir(f"{{log_dir}}/{OUTPUT_NAME}", log_dir, OUTPUT_NAME, "TSV-M", option="alpha_grid")
+    return load_taskpool(validation_taskpool, fabric), out_dir
 
 
 def load_taskpool(spec: Any, fabric) -> Any:

@@ -41,12 +41,11 @@ from fusion_bench.mixins import auto_register_config
 from ..functional import DEFAULT_SVD_METHOD, compute_dtype
 from ..io.hf_checkpoint import save_hf_model
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
-from ..io.outputs import output_dir
 from ..io.streaming import iter_finetuned_states, open_lazy_states
 from ..runtime.merge_job import ParameterMerge, merge_parameters
 from ..runtime.parallel import resolve_workers
 from ..runtime.sharding import send_to_rank_zero, split_by_size
-from .alpha_grid import OUTPUT_NAME, UpdateMerge, load_taskpool, run_alpha_grid, write_outputs
+from .alpha_grid import UpdateMerge, open_alpha_grid, run_alpha_grid, write_outputs
 from .base import Opening, TSVAlgorithmBase, rank_report
 from .options import validate_options
 
@@ -132,7 +131,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         ranks of a multi-process Fabric run return None)."""
         modelpool = self.coerce_pool(modelpool)
         self.output_path()  # refuses a save_path in use before anything is computed
-        validation = self._open_alpha_grid()
+        validation = open_alpha_grid(self.alpha_grid, self.validation_taskpool, self.alpha, self.fabric, self.log_dir)
         opening = self.open_pool(modelpool, "merge")
         base, world, rank = opening.base, self.fabric.world_size, self.fabric.global_rank
         self._log_setup(opening)
@@ -181,29 +180,6 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()
         return str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
-
-    def _open_alpha_grid(self) -> tuple[Any, Optional[Path]]:
-        """With ``alpha_grid``: refuse what cannot work before anything is computed; the validation task pool
-        (instantiated, not set up) and the output directory."""
-        if not self.alpha_grid:
-            return None, None
-        if self.validation_taskpool is None:
-            raise ValueError(
-                "TSVMergeAlgorithm: option 'alpha_grid' needs option 'validation_taskpool', the task pool that "
-                "chooses alpha, e.g. method.validation_taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
-            )
-        if self.fabric.world_size > 1:
-            raise ValueError(
-                f"TSVMergeAlgorithm: option 'alpha_grid' runs in one process; this Fabric run has "
-                f"{self.fabric.world_size}: run it with fabric.devices=1, or give a single alpha"
-            )
-        if not isinstance(self.alpha, (list, tuple)) and self.alpha not in (None, 1.0):
-            log.warning(f"TSV-M: option 'alpha'={self.alpha} is ignored: alpha_grid chooses alpha")
-        out_dir = None
-        if self.log_dir is not None:
-            out_dir = output_dir(f"{{log_dir}}/{OUTPUT_NAME}", self.log_dir, OUTPUT_NAME, self.method_name,
-                                 option="alpha_grid")
-        return load_taskpool(self.validation_taskpool, self.fabric), out_dir
 
     def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
                       out_dir: Optional[Path]) -> None:
