@@ -26,15 +26,16 @@ from torch import Tensor, nn
 from fusion_bench import BaseAlgorithm, BaseModelPool
 from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 
-from ..functional import layer_rank, weight_rms
+from ..functional import compute_dtype, layer_rank, rank_options, weight_rms
 from ..io.atomic import write_atomic
 from ..io.keys import check_finite, split_keys, state_dict_of
 from ..io.modelpool import as_modelpool, finetuned_model_names, load_pretrained_model
 from ..io.outputs import output_dir
+from ..io.streaming import stored_dtype
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Opening", "TSVAlgorithmBase", "log_rank_report", "rank_report"]
+__all__ = ["Opening", "TSVAlgorithmBase", "log_rank_report", "rank_report", "task_update"]
 
 
 @dataclass
@@ -127,6 +128,16 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
 
 
 _PROFILER_LOCK = threading.Lock()
+
+
+def task_update(state: Mapping[str, Tensor], base: Mapping[str, Tensor], key: str, device: torch.device,
+                theta_rms: Optional[Mapping[str, float]]) -> tuple[Tensor, Dict[str, Any]]:
+    """``Δ = θᵢ[key] − θ₀[key]`` in the compute dtype on ``device``, and the keywords of its top-k: rank revealing
+    with the storage floor of the coarser of θ₀'s and the checkpoint's dtype (:func:`~..functional.rank_options`),
+    or the plain top-k when ``theta_rms`` is None."""
+    work = compute_dtype(base[key].dtype)
+    options = rank_options(None if theta_rms is None else theta_rms[key], (base[key].dtype, stored_dtype(state, key)))
+    return state[key].to(device, work) - base[key].to(device, work), options
 
 
 def rank_report(

@@ -51,7 +51,6 @@ from ..functional import (
     SVDFactors,
     compute_dtype,
     mean_pairwise_cosine,
-    rank_options,
     pairwise_sti_from_factors,
     sti_from_factors,
     task_cosine_similarity,
@@ -60,9 +59,9 @@ from ..functional import (
 )
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
 from ..io.outputs import write_output_dir
-from ..io.streaming import iter_finetuned_states, stored_dtype
+from ..io.streaming import iter_finetuned_states
 from ..runtime.parallel import bounded_threads
-from .base import TSVAlgorithmBase
+from .base import TSVAlgorithmBase, task_update
 from .options import validate_options
 from .sti_report import VALUE_COLUMNS, summarize, write_files
 
@@ -151,11 +150,8 @@ def keep_task(state: Mapping[str, Tensor], base: Mapping[str, Tensor], ranks: Ma
     rank revealing (None: the plain top-k); the task's rank-revealing keywords are used for its factors and,
     with ``full_rank``, appended to ``options[key]`` for :func:`analyse_layer`."""
     for key in kept:
-        work = compute_dtype(base[key].dtype)
-        task_options = rank_options(None if theta_rms is None else theta_rms[key],
-                                    (base[key].dtype, stored_dtype(state, key)))
         with bounded_threads(base[key].numel()):
-            delta = state[key].to(device, work) - base[key].to(device, work)
+            delta, task_options = task_update(state, base, key, device, theta_rms)
             if full_rank:
                 kept[key].append(delta.cpu())
                 if options is not None:

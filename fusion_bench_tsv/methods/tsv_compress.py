@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseModelPool
 from fusion_bench.mixins import auto_register_config
 
-from ..functional import check_rank_options, compress_matrix, compute_dtype, layer_rank, rank_options
+from ..functional import check_rank_options, compress_matrix, layer_rank
 from ..io.compressed_checkpoint import (
     CompressedTask,
     build_task_model,
@@ -49,9 +49,9 @@ from ..io.compressed_checkpoint import (
     storage_accounting,
 )
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, state_dict_of
-from ..io.streaming import iter_finetuned_states, stored_dtype
+from ..io.streaming import iter_finetuned_states
 from ..runtime.parallel import bounded_threads
-from .base import TSVAlgorithmBase, log_rank_report, rank_report
+from .base import TSVAlgorithmBase, log_rank_report, rank_report, task_update
 from .options import float_dtype, validate_options
 from .routed_eval import print_summary, routed_evaluation, supports_routing, write_report
 
@@ -93,11 +93,8 @@ def compress_task(
     """
     task = CompressedTask(name)
     for key in tqdm(list(ranks), desc=f"  {name}", leave=False, disable=not show_pbar):
-        work = compute_dtype(base[key].dtype)
         with bounded_threads(base[key].numel()):
-            delta = state[key].to(device, work) - base[key].to(device, work)
-            options = rank_options(None if theta_rms is None else theta_rms[key],
-                                   (base[key].dtype, stored_dtype(state, key)))
+            delta, options = task_update(state, base, key, device, theta_rms)
             with profile("truncated svd"):
                 k = ranks[key]
                 factors = compress_matrix(delta, k, energy=energy if k is None else None, **options)
