@@ -1,8 +1,8 @@
-"""TSV-M beside FusionBench's baselines on the offline tiny-CLIP benchmark (8 / 14 / 20 tasks).
+"""TSV-M beside FusionBench's baselines on an offline benchmark suite (8 / 14 / 20 tasks; ``--suite``).
 
 Every row goes through FusionBench's program (``FabricModelFusionProgram``, composed by Hydra in-process
-exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionModelPool/tiny_clip_<n>`` and
-``taskpool=CLIPVisionModelTaskPool/tiny_clip_<n>``):
+exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionModelPool/<suite>_<n>`` and
+``taskpool=CLIPVisionModelTaskPool/<suite>_<n>``, ``<suite>`` = ``tiny_clip`` or ``small_clip``):
 
 - ``zero_shot``: ``method=dummy`` (the pretrained model); ``fine_tuned``: each fine-tuned model on its own task
   (``method=dummy`` on a one-model pool). Both are measured once on the 20 tasks; the 8/14 suites use the same
@@ -11,8 +11,10 @@ exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionMode
   (``task_singular_vector/TaskSingularVectorMerging``), ``iso_cts`` (``isotropic_merging/iso_cts``) and our
   ``tsv_merge`` (``tsv/tsv_merge``) with FusionBench's default hyper-parameters (TSV-M: α = 1.0);
 - ``<method>_val_alpha``: α (``scaling_factor`` / ``alpha``) chosen on the validation splits
-  (``taskpool=…/tiny_clip_<n>_val``) from ``--alphas`` (default 0.1 0.3 0.5 0.7 1.0 1.5 2.0 3.0, a coarse version
+  (``taskpool=…/<suite>_<n>_val``) from ``--alphas`` (default 0.1 0.3 0.5 0.7 1.0 1.5 2.0 3.0, a coarse version
   of the authors' 0.1…3.0 grid), then evaluated once on the test splits.
+- ``tsv_merge_alpha_grid``: our TSV-M with its built-in grid (``method.alpha_grid`` = ``--alphas``,
+  ``method.validation_taskpool=CLIPVisionModelTaskPool/<suite>_<n>_val``): one merge, α chosen inside the run.
 - ``tsv_compress``: TSV-C (``method=tsv/tsv_compress``, k = floor(r/T)), routed: task i is evaluated with its
   own compressed model θ₀ + Δ̂ᵢ only (oracle routing, as the paper); not a merge, an upper reference.
 
@@ -20,10 +22,11 @@ exactly as the ``fusion_bench`` CLI composes it, from ``modelpool=CLIPVisionMode
 and size) instead of starting anew. Writes ``<out>.json`` (rows: method, num_tasks, avg_accuracy, per_task, normalized_accuracy, alpha),
 ``<out>.md`` and ``<out>.png``. ``--show N`` prints the stored table for N tasks, optionally beside a fresh
 ``program_report.json`` (``--report``) and the zero-shot / fine-tuned accuracies of the build it evaluated
-(``--build``, default ``$FUSION_BENCH_TSV_DATA/tiny_clip/build.json``), normalized by that build's fine-tuned
+(``--build``, default ``$FUSION_BENCH_TSV_DATA/<suite>/build.json``), normalized by that build's fine-tuned
 accuracies, which is what ``demo.sh`` does.
 
     OMP_NUM_THREADS=2 python benchmarks/compare_baselines.py --sizes 8 14 20
+    OMP_NUM_THREADS=2 python benchmarks/compare_baselines.py --suite small_clip --sizes 8 14 20
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from typing import Dict, List, Sequence
 from fusion_bench_tsv.io.atomic import write_atomic
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results" / "tiny_clip"
+RESULTS = REPO / "benchmarks" / "results"
 
 # name in the results → (FusionBench method config, the option that scales the merged update or None)
 METHODS: Dict[str, tuple] = {
@@ -50,6 +53,7 @@ METHODS: Dict[str, tuple] = {
     "fusion_bench_tsvm": ("task_singular_vector/TaskSingularVectorMerging", "alpha"),
     "iso_cts": ("isotropic_merging/iso_cts", "scaling_factor"),
     "tsv_merge": ("tsv/tsv_merge", "alpha"),
+    "tsv_merge_alpha_grid": ("tsv/tsv_merge", None),
     "tsv_compress": ("tsv/tsv_compress", None),
 }
 # extra overrides per method: TSV-C's own fine-tuned evaluation is the fine_tuned row already
@@ -57,7 +61,9 @@ METHOD_OVERRIDES: Dict[str, List[str]] = {"tsv_compress": ["method.evaluate_fine
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0)
 ROW_ORDER = ["zero_shot", "fine_tuned", "simple_average", "task_arithmetic", "task_arithmetic_val_alpha",
              "ties_merging", "ties_merging_val_alpha", "fusion_bench_tsvm", "fusion_bench_tsvm_val_alpha",
-             "iso_cts", "iso_cts_val_alpha", "tsv_merge", "tsv_merge_val_alpha", "tsv_compress"]
+             "iso_cts", "iso_cts_val_alpha", "tsv_merge", "tsv_merge_val_alpha", "tsv_merge_alpha_grid",
+             "tsv_compress"]
+SUITE = "tiny_clip"  # the suite whose configs run_program composes (--suite)
 
 log = logging.getLogger("compare_baselines")
 
@@ -75,8 +81,8 @@ def run_program(method: str, n: int, overrides: Sequence[str] = (), split: str =
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(get_default_config_path()), version_base=None):
         cfg = compose("fabric_model_fusion", overrides=[
-            f"method={method}", f"modelpool=CLIPVisionModelPool/tiny_clip_{n}",
-            f"taskpool=CLIPVisionModelTaskPool/tiny_clip_{n}{suffix}", "print_config=false",
+            f"method={method}", f"modelpool=CLIPVisionModelPool/{SUITE}_{n}",
+            f"taskpool=CLIPVisionModelTaskPool/{SUITE}_{n}{suffix}", "print_config=false",
             "print_function_call=false", "report_save_path=null", "fabric.loggers=null",
             # ${hydra:...} is unset outside the CLI's @hydra.main
             f"path.log_dir={REPO / 'outputs' / 'compare_baselines'}", f"path.work_dir={REPO}", *overrides])
@@ -123,7 +129,11 @@ def compare(sizes: Sequence[int], alphas: Sequence[float], methods: Sequence[str
         for name in methods:
             config, knob = METHODS[name]
             t0 = time.time()
-            rows.append(_row(name, n, run_program(config, n, METHOD_OVERRIDES.get(name, [])), ft))
+            overrides = METHOD_OVERRIDES.get(name, [])
+            if name == "tsv_merge_alpha_grid":
+                overrides = [f"method.alpha_grid=[{','.join(map(str, alphas))}]",
+                             f"method.validation_taskpool=CLIPVisionModelTaskPool/{SUITE}_{n}_val"]
+            rows.append(_row(name, n, run_program(config, n, overrides), ft))
             log.info("%s, %d tasks: %.2f (%.0f s)", name, n, rows[-1]["avg_accuracy"], time.time() - t0)
             if knob is None or not val_alpha:
                 continue
@@ -195,7 +205,7 @@ def plot(rows: List[dict], path: Path) -> None:
     ax.set_xlabel("number of tasks")
     ax.set_ylabel("average test accuracy (%)")
     ax.set_xticks(sorted({r["num_tasks"] for r in rows}))
-    ax.set_title("Offline tiny-CLIP benchmark (FusionBench pools)")
+    ax.set_title(f"Offline {SUITE} benchmark (FusionBench pools)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
@@ -203,7 +213,11 @@ def plot(rows: List[dict], path: Path) -> None:
 
 
 def main(argv=None) -> None:
+    from fusion_bench_tsv.benchmark.build import SUITES, suite_dir
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--suite", default="tiny_clip", choices=sorted(SUITES),
+                   help="the suite (fusion-bench-tsv-build --suite) whose configs <suite>_<n> run (default: tiny_clip)")
     p.add_argument("--sizes", type=int, nargs="+", default=[8, 14, 20], metavar="N",
                    help="suite sizes (numbers of tasks) to run (default: 8 14 20)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), metavar="A",
@@ -214,8 +228,8 @@ def main(argv=None) -> None:
     p.add_argument("--no-val-alpha", action="store_true", help="skip the validation sweeps (no *_val_alpha rows)")
     p.add_argument("--update", action="store_true",
                    help="merge the new rows into the existing PREFIX.json (default: start anew)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, metavar="PREFIX",
-                   help="output prefix: writes PREFIX.json/.md/.png (default: benchmarks/results/tiny_clip)")
+    p.add_argument("--out", type=Path, default=None, metavar="PREFIX",
+                   help="output prefix: writes PREFIX.json/.md/.png (default: benchmarks/results/<suite>)")
     p.add_argument("--show", type=int, default=None, metavar="N",
                    help="print the stored table (PREFIX.json) of the N-task suite and exit, running nothing")
     p.add_argument("--report", type=Path, default=None, metavar="JSON",
@@ -223,14 +237,15 @@ def main(argv=None) -> None:
     p.add_argument("--build", type=Path, default=None, metavar="JSON",
                    help="with --report: the build.json of the evaluated suite, whose fine-tuned accuracies normalize "
                         "the rows (default: the one fusion-bench-tsv-build writes, "
-                        "$FUSION_BENCH_TSV_DATA/tiny_clip/build.json)")
+                        "$FUSION_BENCH_TSV_DATA/<suite>/build.json)")
     p.add_argument("--label", default="tsv_merge (this run)",
                    help="with --report: the name of its row (default: 'tsv_merge (this run)')")
     args = p.parse_args(argv)
+    global SUITE
+    SUITE = args.suite
+    args.out = args.out if args.out is not None else RESULTS / args.suite
     if args.build is None:
-        from fusion_bench_tsv.benchmark.build import suite_dir
-
-        args.build = suite_dir() / "build.json"
+        args.build = suite_dir(suite=args.suite) / "build.json"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if args.show is not None:
         rows = [r for r in json.loads(args.out.with_suffix(".json").read_text()) if r["num_tasks"] == args.show]

@@ -27,15 +27,16 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 from ..io.atomic import write_atomic, write_dir_atomic
 
-__all__ = ["BuildSettings", "default_root", "suite_dir", "build_benchmark", "main"]
+__all__ = ["BuildSettings", "SUITES", "DEFAULT_SUITE", "default_root", "suite_dir", "build_benchmark", "main"]
 
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2  # bump when the generators or the training code change what they produce
+TASK_CORPUS_VERSION = 2  # bump when the task part of the pretraining corpus (tasks.caption_corpus_batch) changes
 OPENCLIP_EXPORT_VERSION = 2  # bump when the open_clip export's files change (2: safetensors, nothing pickled)
 STAMP = ".build_hash"
 ENV_VAR = "FUSION_BENCH_TSV_DATA"
@@ -60,6 +61,10 @@ class BuildSettings:
     pretrain_steps: int = _setting(300, "contrastive (CLIP loss) pretraining steps, AdamW with warm-up + cosine decay")
     pretrain_batch: int = _setting(64, "image-caption pairs per pretraining step")
     pretrain_lr: float = _setting(1e-3, "peak pretraining learning rate")
+    pretrain_threads: int = _setting(1, "torch threads of the pretraining (a fixed number, whatever the CPU has, so "
+                                        "the weights do not depend on the machine's cores)")
+    pretrain_task_fraction: float = _setting(0.0, "share of pretraining images drawn from the 20 tasks, captioned "
+                                                  "with unrelated nouns, one per class (never the class names)")
     finetune_steps: int = _setting(300, "fine-tuning steps per task (vision tower only, frozen zero-shot head)")
     finetune_batch: int = _setting(64, "images per fine-tuning step")
     finetune_lr: float = _setting(1e-3, "peak fine-tuning learning rate")
@@ -74,8 +79,14 @@ class BuildSettings:
 
     @property
     def pretrain_hash(self) -> str:
-        return self.digest("seed", "image_size", "patch_size", "width", "layers", "heads", "projection_dim",
-                           "pretrain_steps", "pretrain_batch", "pretrain_lr")
+        fields = ["seed", "image_size", "patch_size", "width", "layers", "heads", "projection_dim",
+                  "pretrain_steps", "pretrain_batch", "pretrain_lr"]
+        # settings added later enter the hash only when set: builds without them keep their stamps
+        if self.pretrain_threads != 1:
+            fields.append("pretrain_threads")
+        if self.pretrain_task_fraction:
+            return self.digest(*fields, "pretrain_task_fraction", extra=f"task corpus {TASK_CORPUS_VERSION}")
+        return self.digest(*fields)
 
     def data_hash(self, task: str) -> str:
         return self.digest("seed", "image_size", "train_size", "val_size", "test_size", extra=task)
@@ -85,12 +96,28 @@ class BuildSettings:
                            extra=f"{self.pretrain_hash}/{self.data_hash(task)}")
 
 
+#: The suites: name -> (settings, one line on what it is for). ``tiny_clip`` is fast (tests, the demo);
+#: ``small_clip`` sees 4× more tokens per image and is pretrained 10× longer on a corpus that also holds every
+#: task's images (captioned with unrelated words), so fine-tuning aligns features the model already has, as at
+#: scale; the settings were chosen with ``benchmarks/suite_search.py`` (docs/benchmark.md).
+SUITES: Dict[str, Tuple[BuildSettings, str]] = {
+    "tiny_clip": (BuildSettings(), "2-layer width-64 ViT, seconds per task: tests and the demo"),
+    "small_clip": (
+        BuildSettings(patch_size=4, pretrain_steps=3000, pretrain_threads=2, pretrain_task_fraction=0.5,
+                      finetune_lr=3e-4),
+        "ViT with 4-pixel patches (65 tokens), 10x longer pretraining on a corpus that covers the tasks' images, "
+        "gentler fine-tuning: the suite closest to the paper's regime within a 15-minute build",
+    ),
+}
+DEFAULT_SUITE = "tiny_clip"
+
+
 def default_root() -> Path:
     return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "fusion_bench_tsv")
 
 
-def suite_dir(root: Optional[os.PathLike] = None) -> Path:
-    return Path(root if root is not None else default_root()) / "tiny_clip"
+def suite_dir(root: Optional[os.PathLike] = None, suite: str = DEFAULT_SUITE) -> Path:
+    return Path(root if root is not None else default_root()) / suite
 
 
 def _stamped(path: Path, digest: str) -> bool:
@@ -119,40 +146,48 @@ def _seed(settings: BuildSettings, *parts: str) -> int:
 def build_benchmark(
     num_tasks: int = 20,
     root: Optional[os.PathLike] = None,
-    settings: BuildSettings = BuildSettings(),
+    settings: Optional[BuildSettings] = None,
     show_pbar: bool = True,
     export_openclip: bool = True,
+    suite: str = DEFAULT_SUITE,
+    jobs: Optional[int] = 1,
 ) -> Path:
-    """Build the first ``num_tasks`` tasks of :data:`~fusion_bench_tsv.benchmark.tasks.TASKS` (reusing
-    what is already built with the same settings) and return the suite directory."""
+    """Build the first ``num_tasks`` tasks of :data:`~fusion_bench_tsv.benchmark.tasks.TASKS` of ``suite``
+    (its :data:`SUITES` settings unless ``settings`` is given) in ``<root>/<suite>``, reusing what is already
+    built with the same settings, and return that directory. ``jobs`` processes (None: the CPU cores) fine-tune
+    tasks side by side, one thread each, so the weights do not depend on it."""
     import torch
     from tqdm.auto import tqdm
     from transformers import CLIPModel, CLIPProcessor
 
     from .local_data import save_task_dataset
     from .tiny_clip import clip_tokenizer, make_tiny_clip, save_clip
-    from .finetune import accuracy, finetune_vision_tower, zero_shot_head
+    from .finetune import accuracy, zero_shot_head
     from .pretrain import pretrain_clip
-    from .tasks import TASKS, make_split
+    from .tasks import TASKS
 
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
     if not 1 <= num_tasks <= len(TASKS):
         raise ValueError(f"num_tasks must be in 1..{len(TASKS)}, got {num_tasks}")
     # one thread: the same weights on every rebuild with the same torch build and CPU (a different torch
     # version changes them, see docs/benchmark.md), and no OpenMP oversubscription slow-down
     torch.set_num_threads(1)
-    out = suite_dir(root)
+    s = settings if settings is not None else SUITES[suite][0]
+    out = suite_dir(root, suite)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
         (out / sub).mkdir(exist_ok=True)
-    s = settings
     t0 = time.time()
 
     pre = out / "pretrained"
     if not _stamped(pre, s.pretrain_hash):
         clip = make_tiny_clip(seed=s.seed, hidden_size=s.width, num_layers=s.layers, num_heads=s.heads,
                               image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
+        torch.set_num_threads(s.pretrain_threads)
         pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
-                      seed=_seed(s, "pretrain"), show_pbar=show_pbar)
+                      seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction)
+        torch.set_num_threads(1)
         _publish(pre, s.pretrain_hash, lambda tmp: save_clip(clip, tmp))
     clip = CLIPModel.from_pretrained(pre).eval()
     processor = CLIPProcessor.from_pretrained(pre)
@@ -173,10 +208,10 @@ def build_benchmark(
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if report.get("settings") != dataclasses.asdict(s):
         report = {"settings": dataclasses.asdict(s), "tasks": {}}
-    for task in tqdm(TASKS[:num_tasks], desc="building tasks", disable=not show_pbar):
+    pending = []  # (task, head, splits) of the tasks to fine-tune
+    for task in TASKS[:num_tasks]:
         data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
-        splits = {name: make_split(task, n, s.image_size, _seed(s, task.name, name))
-                  for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
+        splits = _splits(task, s)
         if not _stamped(data_dir, s.data_hash(task.name)):
             from PIL import Image
 
@@ -188,20 +223,68 @@ def build_benchmark(
             _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
         if _stamped(model_dir, s.finetune_hash(task.name)) and task.name in report["tasks"]:
             continue
-        vision = finetune_vision_tower(clip, head, *splits["train"], steps=s.finetune_steps, batch_size=s.finetune_batch,
-                                       lr=s.finetune_lr, seed=_seed(s, task.name, "finetune"),
-                                       desc=f"fine-tuning {task.name}", show_pbar=show_pbar)
-        _publish(model_dir, s.finetune_hash(task.name), vision.save_pretrained)
-        if export_openclip:
-            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
+        pending.append((task, head, splits))
         report["tasks"][task.name] = {
             "num_classes": task.num_classes,
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
-            "fine_tuned_test": accuracy(vision.vision_model, clip.visual_projection, head, scale, *splits["test"]),
         }
+    workers = jobs_count(jobs, len(pending))
+    work = [(str(out), s, task.name, head, splits["train"], splits["test"], show_pbar and workers == 1)
+            for task, head, splits in pending]
+    results = tqdm(_map(_finetune_task, work, workers), total=len(work), desc=f"fine-tuning ({workers} processes)",
+                   disable=not show_pbar or workers == 1)
+    for (task, head, _), fine_tuned_test in zip(pending, results):
+        if export_openclip:
+            _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale,
+                                  s.finetune_hash(task.name))
+        report["tasks"][task.name]["fine_tuned_test"] = fine_tuned_test
         write_atomic(report_path, lambda p: p.write_text(json.dumps(report, indent=1)))
-    log.info("benchmark with %d tasks ready at %s (%.0f s)", num_tasks, out, time.time() - t0)
+    log.info("%s with %d tasks ready at %s (%.0f s)", suite, num_tasks, out, time.time() - t0)
     return out
+
+
+def _splits(task, s: BuildSettings) -> dict:
+    from .tasks import make_split
+
+    return {name: make_split(task, n, s.image_size, _seed(s, task.name, name))
+            for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
+
+
+def _finetune_task(job) -> float:
+    """Fine-tune one task's vision tower from ``<out>/pretrained``, publish it to ``<out>/models/<task>`` and
+    return its test accuracy. Runs in a worker process (or in the caller with one job), on one thread."""
+    import torch
+    from transformers import CLIPModel
+
+    from .finetune import accuracy, finetune_vision_tower
+
+    out, s, name, head, train, test, show_pbar = job
+    torch.set_num_threads(1)
+    clip = CLIPModel.from_pretrained(Path(out) / "pretrained").eval()
+    vision = finetune_vision_tower(clip, head, *train, steps=s.finetune_steps, batch_size=s.finetune_batch,
+                                   lr=s.finetune_lr, seed=_seed(s, name, "finetune"), desc=f"fine-tuning {name}",
+                                   show_pbar=show_pbar)
+    _publish(Path(out) / "models" / name, s.finetune_hash(name), vision.save_pretrained)
+    scale = float(clip.logit_scale.detach().exp())
+    return accuracy(vision.vision_model, clip.visual_projection, head, scale, *test)
+
+
+def jobs_count(requested: Optional[int], pending: int) -> int:
+    """Worker processes for ``pending`` fine-tunes: ``requested`` (None: the CPU cores), at most ``pending``."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(requested if requested is not None else cores, pending))
+
+
+def _map(fn, items, workers: int):
+    """``map(fn, items)`` in order, in ``workers`` spawned processes when more than one."""
+    if workers <= 1:
+        yield from map(fn, items)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield from pool.map(fn, items)
 
 
 def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head, scale: float, digest: str) -> None:
@@ -218,21 +301,28 @@ def _export_openclip_task(oc: Path, task: str, model_dir: Path, projection, head
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fusion-bench-tsv-build",
-        description="Build (or reuse) the offline tiny-CLIP benchmark in DIR/tiny_clip (see --root): a "
-                    "contrastively pretrained tiny CLIP, the first N of 20 synthetic image tasks and one fine-tuned "
+        description="Build (or reuse) an offline CLIP benchmark suite in DIR/SUITE (see --root, --suite): a "
+                    "contrastively pretrained small CLIP, the first N of 20 synthetic image tasks and one fine-tuned "
                     "vision tower per task, plus the same models in the open_clip layout. What is already built with "
                     "the same settings is reused. The last line printed is the suite directory.",
     )
+    parser.add_argument("--suite", default=DEFAULT_SUITE, choices=sorted(SUITES),
+                        help="; ".join(f"{name}: {doc}" for name, (_, doc) in SUITES.items())
+                             + f" (default: {DEFAULT_SUITE}); the options below override its settings")
     parser.add_argument("--num-tasks", type=int, default=20, metavar="N",
                         help="build the first N of the 20 tasks, 1..20; the configs cover 8, 14 and 20 (default: 20)")
     parser.add_argument("--root", default=None, metavar="DIR",
-                        help=f"data root; the suite goes to DIR/tiny_clip (default: ${ENV_VAR}, else ~/.cache/fusion_bench_tsv)")
+                        help=f"data root; the suite goes to DIR/SUITE (default: ${ENV_VAR}, else ~/.cache/fusion_bench_tsv)")
+    parser.add_argument("--jobs", type=int, default=None, metavar="J",
+                        help="processes fine-tuning tasks side by side, one thread each: the weights do not depend on "
+                             "it (default: the CPU cores)")
     parser.add_argument("--no-pbar", action="store_true", help="no progress bars (default: shown)")
     parser.add_argument("--no-openclip", action="store_true",
                         help="skip the open_clip export used by the OpenCLIPVision* configs (default: exported)")
     for f in dataclasses.fields(BuildSettings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"{f.metadata['doc']} (default: {f.default})")
+        defaults = ", ".join(f"{name} {getattr(settings, f.name)}" for name, (settings, _) in SUITES.items())
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                            help=f"{f.metadata['doc']} (default: {defaults})")
     return parser
 
 
@@ -241,9 +331,10 @@ def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    settings = BuildSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings)})
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings) if getattr(args, f.name) is not None}
+    settings = dataclasses.replace(SUITES[args.suite][0], **overrides)
     out = build_benchmark(args.num_tasks, args.root, settings, show_pbar=not args.no_pbar,
-                          export_openclip=not args.no_openclip)
+                          export_openclip=not args.no_openclip, suite=args.suite, jobs=args.jobs)
     print(out)
 
 

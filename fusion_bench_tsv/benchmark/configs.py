@@ -1,4 +1,4 @@
-"""Modelpool / taskpool YAML for the tiny-CLIP suites (``tiny_clip_{8,14,20}``).
+"""Modelpool / taskpool YAML for the offline suites (``tiny_clip_{8,14,20}``, ``small_clip_{8,14,20}``).
 
 The committed files in ``config/`` are written by ``python -m fusion_bench_tsv.benchmark.configs``;
 :func:`write_suite_configs` also writes them for any other build directory (the tests' mini build).
@@ -23,14 +23,14 @@ SUITE_SIZES = (8, 14, 20)
 
 _HEADER = """\
 # =============================================================================
-# Offline tiny-CLIP benchmark, first {n} tasks ({tasks})
+# Offline {suite} benchmark, first {n} tasks ({tasks})
 # =============================================================================
-# Built by `fusion-bench-tsv-build --num-tasks {n}` (fusion_bench_tsv.benchmark.build).
-# The paths are under the build directory: set FUSION_BENCH_TSV_DATA=<root> to use <root>/tiny_clip
-# (default ~/.cache/fusion_bench_tsv/tiny_clip).
+# Built by `fusion-bench-tsv-build --num-tasks {n}{suite_option}` (fusion_bench_tsv.benchmark.build).
+# The paths are under the build directory: set FUSION_BENCH_TSV_DATA=<root> to use <root>/{suite}
+# (default ~/.cache/fusion_bench_tsv/{suite}).
 #
-#   fusion_bench method=tsv/tsv_merge modelpool=CLIPVisionModelPool/tiny_clip_{n} \\
-#     taskpool=CLIPVisionModelTaskPool/tiny_clip_{n}
+#   fusion_bench method=tsv/tsv_merge modelpool=CLIPVisionModelPool/{name}_{n} \\
+#     taskpool=CLIPVisionModelTaskPool/{name}_{n}
 # =============================================================================
 """
 
@@ -117,16 +117,24 @@ def write_config(path: Path, header: str, cfg: dict) -> None:
     write_atomic(path, lambda p: p.write_text(header + yaml.safe_dump(cfg, sort_keys=False, width=120)))
 
 
+def suite_config_dir(suite: str) -> str:
+    """The build directory of ``suite`` as the configs spell it (resolved by OmegaConf)."""
+    return DEFAULT_SUITE_DIR.rsplit("/", 1)[0] + f"/{suite}"
+
+
 def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_DIR,
-                        sizes: Sequence[int] = SUITE_SIZES, name: str = "tiny_clip") -> None:
+                        sizes: Sequence[int] = SUITE_SIZES, name: str = "tiny_clip", suite: str = "tiny_clip") -> None:
     """Write ``modelpool/CLIPVisionModelPool/<name>_<n>.yaml`` and ``taskpool/CLIPVisionModelTaskPool/<name>_<n>.yaml``
-    (plus ``<name>_<n>_val.yaml`` on the validation splits) for each suite size ``n``."""
+    (plus ``<name>_<n>_val.yaml`` on the validation splits) for each suite size ``n``; ``suite`` names the
+    build (``fusion-bench-tsv-build --suite``) in the comments."""
+    from .build import DEFAULT_SUITE
     from .tasks import TASK_NAMES
 
     config_dir = Path(config_dir)
+    suite_option = "" if suite == DEFAULT_SUITE else f" --suite {suite}"
     for n in sizes:
         tasks = TASK_NAMES[:n]
-        header = _HEADER.format(n=n, tasks=", ".join(tasks))
+        header = _HEADER.format(n=n, tasks=", ".join(tasks), suite=suite, suite_option=suite_option, name=name)
         write_config(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}_{n}.yaml", header,
                modelpool_config(tasks, suite_dir))
         write_config(config_dir / "taskpool" / "CLIPVisionModelTaskPool" / f"{name}_{n}.yaml", header,
@@ -143,4 +151,7 @@ def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_
 
 
 if __name__ == "__main__":
-    write_suite_configs(Path(__file__).resolve().parents[2] / "config")
+    from .build import SUITES
+
+    for suite in SUITES:
+        write_suite_configs(Path(__file__).resolve().parents[2] / "config", suite_config_dir(suite), name=suite, suite=suite)

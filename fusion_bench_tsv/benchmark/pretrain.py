@@ -50,8 +50,10 @@ def pretrain_clip(
     seed: int,
     weight_decay: float = 0.1,
     show_pbar: bool = True,
+    task_fraction: float = 0.0,
 ) -> CLIPModel:
-    """Train ``model`` in place with the CLIP loss for ``steps`` steps on fresh corpus batches."""
+    """Train ``model`` in place with the CLIP loss for ``steps`` steps on fresh corpus batches
+    (``task_fraction``: see :func:`~fusion_bench_tsv.benchmark.tasks.caption_corpus_batch`)."""
     size = model.config.vision_config.image_size
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -60,7 +62,7 @@ def pretrain_clip(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 20)))
     pbar = tqdm(range(steps), desc="pretraining tiny CLIP", disable=not show_pbar)
     for _ in pbar:
-        images, captions = caption_corpus_batch(rng, batch_size, size)
+        images, captions = caption_corpus_batch(rng, batch_size, size, task_fraction)
         text = tokenizer(captions, padding=True, return_tensors="pt")
         out = model(
             input_ids=text["input_ids"],

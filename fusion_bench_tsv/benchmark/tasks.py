@@ -395,15 +395,43 @@ def make_split(task: TaskSpec, num_images: int, size: int, seed: int) -> Tuple[A
     return images, labels.astype(np.int64)
 
 
-def caption_corpus_batch(rng: Gen, num_images: int, size: int) -> Tuple[Array, List[str]]:
-    """A batch of the generic pretraining corpus: scenes of shapes with free-form captions.
+#: The pretraining corpus's words for the tasks' classes (:func:`code_word`): common nouns, one CLIP BPE token
+#: each, none of them in a class name or template.
+CODE_WORDS = """apple banana cherry grape lemon mango melon peach pear plum tomato potato carrot onion garlic pepper bread
+butter cheese coffee tea sugar honey rice pasta pizza burger salad soup cake cookie chocolate candy milk juice water
+wine beer horse tiger lion zebra monkey rabbit mouse eagle parrot shark whale dolphin turtle snake frog spider bee ant
+camel sheep goat pig cow duck chicken chair table sofa desk lamp door window mirror clock bottle cup plate spoon knife
+fork kettle bucket basket ladder hammer guitar piano violin drum trumpet camera phone laptop radio rocket train truck
+bicycle boat ship plane bridge tower castle church garden forest river mountain island desert ocean beach valley
+village city road street market school doctor farmer teacher soldier pilot king queen prince wizard ghost robot
+dragon""".split()
+
+
+def code_word(task_index: int, label: int) -> str:
+    """The pretraining corpus's word for class ``label`` of ``TASKS[task_index]``: one of :data:`CODE_WORDS`,
+    a different one for every class of every task."""
+    return CODE_WORDS[sum(t.num_classes for t in TASKS[:task_index]) + label]
+
+
+def caption_corpus_batch(rng: Gen, num_images: int, size: int, task_fraction: float = 0.0) -> Tuple[Array, List[str]]:
+    """A batch of the pretraining corpus: scenes of shapes with free-form captions, and task images.
 
     Captions name some of the object's colour, shape, size and position, the background colour or
     the number of objects, so the text tower learns those words and the vision tower general features.
+    A ``task_fraction`` of the images are drawn from the 20 tasks' generators (task and class uniform),
+    captioned ``"a photo of <word>."`` with the class's :func:`code_word` (an unrelated noun): the vision tower learns
+    to tell every class apart, as web-scale pretraining does, while the text tower never sees the class names
+    the zero-shot heads are built from, so zero-shot accuracy stays low and fine-tuning has features to align.
     """
     images, captions = [], []
     size_words = {0.1: "tiny", 0.16: "small", 0.24: "medium", 0.36: "large"}
     for _ in range(num_images):
+        if task_fraction > 0 and rng.random() < task_fraction:
+            t = int(rng.integers(len(TASKS)))
+            label = int(rng.integers(TASKS[t].num_classes))
+            images.append(TASKS[t].draw(rng, label, size))
+            captions.append(f"a photo of {code_word(t, label)}.")
+            continue
         kind = rng.random()
         if kind < 0.2:  # several objects, captioned by count
             n = int(rng.integers(1, 6))

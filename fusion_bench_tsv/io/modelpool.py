@@ -106,15 +106,17 @@ def check_pool_entries(modelpool) -> None:
 
 
 def offline_benchmark_hint(path: str, num_tasks: int) -> str:
-    """For a missing ``path`` inside the offline benchmark's layout (``<root>/tiny_clip/...``): the exact
-    ``fusion-bench-tsv-build`` command that makes it; ``""`` for any other path."""
-    from ..benchmark.build import default_root
+    """For a missing ``path`` inside an offline benchmark suite's layout (``<root>/<suite>/...``, e.g.
+    ``tiny_clip``): the exact ``fusion-bench-tsv-build`` command that makes it; ``""`` for any other path."""
+    from ..benchmark.build import DEFAULT_SUITE, SUITES, default_root
 
-    suite = next((p for p in list(Path(path).parents)[:3] if p.name == "tiny_clip"), None)
+    suite = next((p for p in list(Path(path).parents)[:3] if p.name in SUITES), None)
     if suite is None:
         return ""
     root = suite.parent
     command = f"fusion-bench-tsv-build --num-tasks {num_tasks}"
+    if suite.name != DEFAULT_SUITE:
+        command += f" --suite {suite.name}"
     if os.path.realpath(root) != os.path.realpath(default_root()):
         command += f" --root {root}"
     state = "is not built" if not (suite / "build.json").is_file() else f"was built with fewer than {num_tasks} tasks"

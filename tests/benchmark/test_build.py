@@ -40,6 +40,30 @@ def test_classnames_tokenize_without_unknown_tokens():
             assert tok.unk_token_id not in ids[1:-1], (task.name, name)
 
 
+def test_task_corpus_words_are_single_tokens_and_never_class_words():
+    """The pretraining corpus captions task images with one unrelated noun per class (``small_clip``): each word is
+    one BPE token, no two classes share one, and none occurs in a class name or template (zero-shot stays a test
+    of the class names)."""
+    from fusion_bench_tsv.benchmark.tasks import TASKS, caption_corpus_batch, code_word
+    from fusion_bench_tsv.benchmark.tiny_clip import clip_tokenizer
+
+    tok = clip_tokenizer()
+    words = [code_word(i, c) for i, t in enumerate(TASKS) for c in range(t.num_classes)]
+    assert len(set(words)) == len(words)
+    task_text = " ".join(" ".join(t.classnames + t.templates) for t in TASKS).replace(".", " ").split()
+    for w in words:
+        assert len(tok(w)["input_ids"]) == 3, w  # <start> word <end>
+        assert w not in task_text, w
+    images, captions = caption_corpus_batch(np.random.default_rng(0), 64, 32, task_fraction=0.5)
+    assert images.shape == (64, 32, 32, 3)
+    assert 16 <= sum(c.split()[-1].rstrip(".") in words for c in captions) <= 48  # ~half from the tasks
+    # without task images the corpus is the tiny suite's, draw for draw
+    a, ca = caption_corpus_batch(np.random.default_rng(1), 8, 32)
+    b, cb = caption_corpus_batch(np.random.default_rng(1), 8, 32, task_fraction=0.0)
+    np.testing.assert_array_equal(a, b)
+    assert ca == cb
+
+
 def test_pixel_values_match_clip_image_processor():
     from PIL import Image
 
@@ -87,20 +111,26 @@ def test_rebuild_gives_the_same_weights(mini_build, tmp_path):
     from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
 
     out, settings = mini_build
-    other = build_benchmark(1, tmp_path, settings, show_pbar=False)
-    a = load_file(out / "models" / TASK_NAMES[0] / "model.safetensors")
-    b = load_file(other / "models" / TASK_NAMES[0] / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert (a[k] == b[k]).all(), k
+    # two worker processes fine-tune the two tasks side by side: the same weights as one after the other
+    other = build_benchmark(2, tmp_path, settings, show_pbar=False, jobs=2)
+    for task in TASK_NAMES[:2]:
+        a = load_file(out / "models" / task / "model.safetensors")
+        b = load_file(other / "models" / task / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert (a[k] == b[k]).all(), (task, k)
+    built = json.loads((out / "build.json").read_text())["tasks"]
+    assert json.loads((other / "build.json").read_text())["tasks"] == {t: built[t] for t in TASK_NAMES[:2]}
     # a different fine-tuning setting is a different content hash
     assert BuildSettings(**{**MINI, "finetune_lr": 3e-3}).finetune_hash("shapes") != settings.finetune_hash("shapes")
 
 
 def test_committed_configs_are_current(tmp_path):
-    from fusion_bench_tsv.benchmark.configs import write_suite_configs
+    from fusion_bench_tsv.benchmark.build import SUITES
+    from fusion_bench_tsv.benchmark.configs import suite_config_dir, write_suite_configs
 
-    write_suite_configs(tmp_path)
+    for suite in SUITES:
+        write_suite_configs(tmp_path, suite_config_dir(suite), name=suite, suite=suite)
     for path in tmp_path.rglob("*.yaml"):
         committed = REPO_ROOT / "config" / path.relative_to(tmp_path)
         assert committed.is_file() and committed.read_text() == path.read_text(), committed
@@ -162,7 +192,7 @@ def test_build_help_explains_every_setting(capsys):
     for f in dataclasses.fields(BuildSettings):
         doc = " ".join(f.metadata.get("doc", "").split())
         assert doc, f"BuildSettings.{f.name} has no doc"
-        assert f"{doc} (default: {f.default})" in text, f.name
+        assert f"{doc} (default: tiny_clip {f.default}, small_clip " in text, f.name
     # and every other option says what it does and what happens without it
     for action in _parser()._actions:
         if not isinstance(action, argparse._HelpAction):

@@ -319,3 +319,5 @@ def test_benchmark_elsewhere_than_the_default_root_gets_root_in_the_command(tmp_
     hint = offline_benchmark_hint(str(tmp_path / "other" / "tiny_clip" / "openclip" / "zeroshot.safetensors"), 20)
     assert hint.endswith(f"run `fusion-bench-tsv-build --num-tasks 20 --root {tmp_path / 'other'}`"), hint
     assert offline_benchmark_hint("/data/models/task_a", 8) == ""
+    hint = offline_benchmark_hint(str(tmp_path / "other" / "small_clip" / "models" / "shapes"), 8)
+    assert hint.endswith(f"run `fusion-bench-tsv-build --num-tasks 8 --suite small_clip --root {tmp_path / 'other'}`"), hint

@@ -1,0 +1,126 @@
+"""What a TSV-M of one CLIP vision tower costs, kernel by kernel, on one thread: the floor under its wall time.
+
+For the matrix shapes of a tower (ViT-B/32 by default: per block 4 attention 768 × 768 and the MLP's 3072 × 768 and
+768 × 3072) and T tasks, times on one thread, with the synthetic ``decaying`` updates of ``benchmarks/performance.py``:
+
+- per task and matrix (``truncated_svd(method="gram")``): the float64 Gram matrix and ``dsyevr`` for its top k;
+- per matrix (``tsv_merge_factors``): the orthogonalization, two Tk × Tk Gram matrices and their full ``dsyevr``,
+  and the products that assemble M;
+- FusionBench's kernels on the same matrices: a float32 ``torch.linalg.svd`` per task, and the two SVDs of the
+  concatenated U and V.
+
+CPU-seconds per tower = Σ over the tower's matrices; on C cores the wall time cannot be below CPU-seconds / C.
+Writes ``benchmarks/results/merge_kernels.{json,md}``::
+
+    PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks 8 14 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from fusion_bench_tsv.functional import truncated_svd, tsv_merge_factors
+from fusion_bench_tsv.functional.svd import concat_factors
+from fusion_bench_tsv.io.atomic import write_atomic
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: per block of a tower: (shape, count); ViT-B/32 and B/16 have 12 blocks of width 768 and MLP 3072
+TOWERS = {"ViT-B/32": (12, [((768, 768), 4), ((3072, 768), 1), ((768, 3072), 1)])}
+
+
+def decaying_update(m: int, n: int, g: torch.Generator, rank: int = 128, scale: float = 4.7e-4,
+                    noise: float = 1.6e-4) -> torch.Tensor:
+    """The ``decaying`` synthetic task update of ``benchmarks/performance.py`` (σⱼ ∝ 1/j, rank 128, plus noise)."""
+    k = min(rank, m, n)
+    p = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    q = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    s = torch.arange(1, k + 1, dtype=torch.float64).reciprocal()
+    s *= scale * (m * n) ** 0.5 / s.norm()
+    return ((p * s) @ q.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
+
+
+def best_of(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure(shape, num_tasks: int, g: torch.Generator) -> dict:
+    m, n = shape
+    k = min(shape) // num_tasks
+    deltas = [decaying_update(m, n, g) for _ in range(num_tasks)]
+    ours_task = sum(best_of(lambda d=d: truncated_svd(d.double(), k, "gram")) for d in deltas) / num_tasks
+    factors = [truncated_svd(d.double(), k, "gram") for d in deltas]
+    ours_merge = best_of(lambda: tsv_merge_factors(factors, "gram"))
+    fb_task = best_of(lambda: torch.linalg.svd(deltas[0], full_matrices=False), 2)
+    u, _, vh = concat_factors([truncated_svd(d, k, "svd") for d in deltas])
+    fb_merge = best_of(lambda: (torch.linalg.svd(u, full_matrices=False), torch.linalg.svd(vh, full_matrices=False)), 2)
+    return {"shape": list(shape), "k": k, "ours_per_task_s": ours_task, "ours_merge_s": ours_merge,
+            "fusion_bench_per_task_s": fb_task, "fusion_bench_merge_s": fb_merge}
+
+
+def tower_totals(rows, blocks: int, layout, num_tasks: int) -> dict:
+    by_shape = {tuple(r["shape"]): r for r in rows}
+    out = {}
+    for impl in ("ours", "fusion_bench"):
+        task = sum(count * by_shape[shape][f"{impl}_per_task_s"] for shape, count in layout) * blocks * num_tasks
+        merge = sum(count * by_shape[shape][f"{impl}_merge_s"] for shape, count in layout) * blocks
+        out[impl] = {"per_task_cpu_s": task, "orthogonalization_cpu_s": merge, "total_cpu_s": task + merge}
+    return out
+
+
+def markdown(doc: dict) -> str:
+    lines = ["# TSV-M kernels on one thread: the CPU-seconds of one tower", "",
+             f"Made by `benchmarks/merge_kernels.py` ({doc['tower']}, decaying updates, best of repeats, one thread, "
+             f"{doc['machine']}).", "",
+             "| T | k (768-wide) | ours: per-task top-k (CPU-s) | ours: orthogonalization (CPU-s) | ours: total | "
+             "ours: wall floor on 2 cores (s) | FusionBench: per-task SVDs | FusionBench: orthogonalization | "
+             "FusionBench: total |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        o, f = r["tower"]["ours"], r["tower"]["fusion_bench"]
+        lines.append(f"| {r['num_tasks']} | {r['matrices'][0]['k']} | {o['per_task_cpu_s']:.1f} | "
+                     f"{o['orthogonalization_cpu_s']:.1f} | {o['total_cpu_s']:.1f} | {o['total_cpu_s'] / 2:.1f} | "
+                     f"{f['per_task_cpu_s']:.1f} | {f['orthogonalization_cpu_s']:.1f} | {f['total_cpu_s']:.1f} |")
+    lines += ["", "Per matrix (seconds, one thread):", "",
+              "| T | shape | k | ours: one task's top-k | ours: orthogonalization | FusionBench: one task's SVD | "
+              "FusionBench: SVDs of U and V |", "|---|---|---|---|---|---|---|"]
+    for r in doc["rows"]:
+        for mrow in r["matrices"]:
+            lines.append(f"| {r['num_tasks']} | {mrow['shape'][0]}×{mrow['shape'][1]} | {mrow['k']} | "
+                         f"{mrow['ours_per_task_s']:.3f} | {mrow['ours_merge_s']:.3f} | "
+                         f"{mrow['fusion_bench_per_task_s']:.3f} | {mrow['fusion_bench_merge_s']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--num-tasks", type=int, nargs="+", default=[8, 14, 20])
+    parser.add_argument("--out", type=Path, default=RESULTS / "merge_kernels")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    tower = "ViT-B/32"
+    blocks, layout = TOWERS[tower]
+    rows = []
+    for t in args.num_tasks:
+        matrices = [measure(shape, t, g) for shape, _ in layout]
+        rows.append({"num_tasks": t, "matrices": matrices, "tower": tower_totals(matrices, blocks, layout, t)})
+        print(json.dumps(rows[-1]["tower"]), flush=True)
+    doc = {"command": "PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks " + " ".join(map(str, args.num_tasks)),
+           "tower": tower, "machine": f"{os.cpu_count()} cores", "rows": rows}
+    write_atomic(args.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
+    write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(markdown(doc)))
+    print(markdown(doc))
+
+
+if __name__ == "__main__":
+    main()
