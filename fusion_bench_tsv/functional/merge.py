@@ -32,8 +32,9 @@ def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = DEFAULT_SVD_M
     ``method`` is the SVD method the factors came from (:func:`~.svd.orthogonalization_method`). ``"svd"``
     takes the polar factors from SVDs; ``"gram"`` and ``"randomized"`` never form :math:`U_\perp` or :math:`V_\perp`: with the whitening identity
     :math:`U_\perp = U (U^\top U)^{-1/2}` it solves two :math:`Tk \times Tk` eigenproblems in float64
-    and returns :math:`U \,[(U^\top U)^{-1/2} \Sigma (V^\top V)^{-1/2}]\, V^\top`; it falls back to the
-    SVD path when :math:`U^\top U` or :math:`V^\top V` is singular or ill-conditioned (e.g. ``Tk > min(m, n)``).
+    and returns :math:`U \,[(U^\top U)^{-1/2} \Sigma (V^\top V)^{-1/2}]\, V^\top`; a side whose
+    :math:`U^\top U` (or :math:`V^\top V`) is singular or ill-conditioned (e.g. ``Tk > min(m, n)``) takes the
+    SVD polar factor instead, the other side keeps its whitening.
 
     Triplets with σ = 0 exactly (what :func:`truncated_svd` keeps of a zero update) are left out: their
     singular vectors are arbitrary and would still enter the orthogonalization.
@@ -45,14 +46,15 @@ def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = DEFAULT_SVD_M
         if not bool(nonzero.any()):
             return U.new_zeros(U.shape[0], Vh.shape[1])
         U, S, Vh = U[:, nonzero], S[nonzero], Vh[nonzero, :]
-    if gram_path:
-        w_u = inv_sqrt_gram(U)
-        w_v = inv_sqrt_gram(Vh.T) if w_u is not None else None
-        if w_v is not None:
-            core = (w_u * S.to(torch.float64)) @ w_v  # (UᵀU)^(-1/2) Σ (VᵀV)^(-1/2), Tk × Tk
-            return U @ (core.to(Vh.dtype) @ Vh)
-    U_perp = orthogonalize(U, "svd")
-    Vh_perp = orthogonalize(Vh, "svd")
+    w_u = inv_sqrt_gram(U) if gram_path else None
+    w_v = inv_sqrt_gram(Vh.T) if gram_path else None
+    if w_u is not None and w_v is not None:
+        core = (w_u * S.to(torch.float64)) @ w_v  # (UᵀU)^(-1/2) Σ (VᵀV)^(-1/2), Tk × Tk
+        return U @ (core.to(Vh.dtype) @ Vh)
+    # a side whose Gram matrix is too ill-conditioned to whiten takes the SVD polar factor, the other keeps its
+    # whitening: both are the same polar factor, exactly
+    U_perp = orthogonalize(U, "svd") if w_u is None else (U.to(torch.float64) @ w_u).to(U.dtype)
+    Vh_perp = orthogonalize(Vh, "svd") if w_v is None else (w_v @ Vh.to(torch.float64)).to(Vh.dtype)
     return (U_perp * S) @ Vh_perp
 
 

@@ -193,6 +193,22 @@ def test_gram_tsv_merge_falls_back_when_tk_exceeds_rank():
     assert_merge_matrix(tsv_merge_matrix(deltas, method="svd"), deltas, 1, torch.float64, what="svd")
 
 
+def test_gram_tsv_merge_whitens_the_side_it_can(monkeypatch):
+    """Tk > m on the U side only: U takes the SVD polar factor, V keeps its whitening (one SVD, not two), and the
+    merge is still the exact formula."""
+    from fusion_bench_tsv.functional import truncated_svd, tsv_merge_factors
+
+    deltas = [noisy_low_rank(6, 40, seed=i, rank=2) for i in range(10)]  # k = 1: U is 6 × 10, V is 40 × 10
+    factors = [truncated_svd(d, 1, "gram") for d in deltas]
+    calls = []
+    svd = torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, *args, **kw: calls.append(tuple(a.shape)) or svd(a, *args, **kw))
+    merged = tsv_merge_factors(factors, "gram")
+    assert calls == [(6, 10)]
+    monkeypatch.undo()
+    assert_merge_matrix(merged, deltas, 1, torch.float64, gram=True, what="one side whitened")
+
+
 def test_randomized_tsv_merge_exact_when_updates_are_low_rank():
     # rank 7 = k: the randomized range finder (k + 10 columns) captures each update exactly
     deltas = [noisy_low_rank(40, 30, seed=i, rank=7, noise=0.0) for i in range(4)]
