@@ -201,7 +201,18 @@ def device_name(device: Optional[str]) -> str:
         import torch
 
         return f"cuda ({torch.cuda.get_device_name(0)})"
-    return f"cpu ({os.cpu_count()} cores, {platform.machine()}, shared machine)"
+    return f"cpu ({os.cpu_count()} cores, {cpu_model()}, shared machine)"
+
+
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``), else the architecture: rows of different machines differ."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
 
 
 def max_abs_diff(path_a: str, path_b: str) -> float:

@@ -48,14 +48,16 @@ def tsv_merge_factors(factors: Sequence[SVDFactors], method: str = DEFAULT_SVD_M
         U, S, Vh = U[:, nonzero], S[nonzero], Vh[nonzero, :]
     w_u = inv_sqrt_gram(U) if gram_path else None
     w_v = inv_sqrt_gram(Vh.T) if gram_path else None
-    if w_u is not None and w_v is not None:
-        core = (w_u * S.to(torch.float64)) @ w_v  # (UᵀU)^(-1/2) Σ (VᵀV)^(-1/2), Tk × Tk
-        return U @ (core.to(Vh.dtype) @ Vh)
-    # a side whose Gram matrix is too ill-conditioned to whiten takes the SVD polar factor, the other keeps its
-    # whitening: both are the same polar factor, exactly
-    U_perp = orthogonalize(U, "svd") if w_u is None else (U.to(torch.float64) @ w_u).to(U.dtype)
-    Vh_perp = orthogonalize(Vh, "svd") if w_v is None else (w_v @ Vh.to(torch.float64)).to(Vh.dtype)
-    return (U_perp * S) @ Vh_perp
+    if w_u is None and w_v is None:
+        return (orthogonalize(U, "svd") * S) @ orthogonalize(Vh, "svd")
+    # a side whose Gram matrix is too ill-conditioned to whiten takes the SVD polar factor P Qᵀ, its P kept
+    # as the outer factor and its Tk × Tk Qᵀ folded into the core; the other side keeps its whitening
+    if w_u is None:
+        U, _, w_u = torch.linalg.svd(U, full_matrices=False)
+    if w_v is None:
+        w_v, _, Vh = torch.linalg.svd(Vh, full_matrices=False)
+    core = (w_u.to(torch.float64) * S.to(torch.float64)) @ w_v.to(torch.float64)  # Tk × Tk
+    return U @ (core.to(Vh.dtype) @ Vh)
 
 
 def tsv_merge_matrix(
