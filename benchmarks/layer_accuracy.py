@@ -1,7 +1,7 @@
 """Per-layer accuracy of the float32 SVD path (FusionBench's numerics) and of our Gram path against a
 float64 evaluation of TSV-M, on layers of a pool built by ``benchmarks/performance.py``.
 
-Usage: ``PYTHONPATH=. python benchmarks/layer_accuracy.py --pool /tmp/fbtsv_bench/ViT-B-32 --num-tasks 20``
+Usage: ``PYTHONPATH=. python benchmarks/layer_accuracy.py --pool /tmp/fbtsv_bench/ViT-B-32-spiky-v2 --num-tasks 20``
 """
 
 from __future__ import annotations

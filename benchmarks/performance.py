@@ -60,6 +60,9 @@ UPDATES = {
     "spiky": dict(rank=8, scale=2e-3, noise=1e-4),
 }
 IMPLS = ("tsv_merge", "fusion_bench_tsvm")
+#: part of the pool directory's name: bump when build_pool makes different checkpoints (2: every fine-tuned
+#: model is the pretrained one plus its own update)
+POOL_VERSION = 2
 
 
 
@@ -91,7 +94,7 @@ def build_pool(model: str, num_tasks: int, cache: Path, update: str = "decaying"
 
     from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 
-    root = cache / (slug(model) if update == "spiky" else f"{slug(model)}-{update}")
+    root = cache / f"{slug(model)}-{update}-v{POOL_VERSION}"
     marker = root / f"complete_T{num_tasks}.json"
     if marker.exists():
         return root
@@ -102,7 +105,7 @@ def build_pool(model: str, num_tasks: int, cache: Path, update: str = "decaying"
     if not (root / "pretrained" / "model.safetensors").exists():
         base.save_pretrained(root / "pretrained")
     base = CLIPVisionModel.from_pretrained(root / "pretrained")
-    base_state = base.state_dict()
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}  # not the model's own tensors
     for i in range(num_tasks):
         path = root / f"task_{i:02d}"
         if (path / "model.safetensors").exists():
