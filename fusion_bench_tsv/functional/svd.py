@@ -23,7 +23,6 @@ __all__ = [
     "concat_factors",
     "orthogonalize",
     "inv_sqrt_gram",
-    "ill_conditioned",
     "gram",
     "eigh_top",
     "SVD_METHODS",
@@ -298,35 +297,8 @@ def inv_sqrt_gram(a: Tensor) -> Optional[Tensor]:
     _check_matrix(a, "a")
     if a.shape[1] > a.shape[0]:
         return None
-    g = gram(a.to(torch.float64))
-    if ill_conditioned(g):
-        return None
-    lam, q = eigh_top(g)
+    x = a.to(torch.float64)
+    lam, q = eigh_top(gram(x))
     if lam[0] <= 0 or lam[-1] <= lam[0] / GRAM_COND_LIMIT:
         return None
     return (q * lam.rsqrt()) @ q.T
-
-
-def ill_conditioned(g: Tensor, steps: int = 8) -> bool:
-    r"""True when the symmetric positive semidefinite ``g`` is certainly singular or has a condition number
-    above ``GRAM_COND_LIMIT``, found without an eigendecomposition: one Cholesky factorization and a few
-    :math:`O(p^2)` steps, about 1/5 of the cost of ``eigh``, which the caller then skips.
-
-    A failed Cholesky factorization means ``g`` is not numerically positive definite. Otherwise the Rayleigh
-    quotient :math:`\rho(v) = v^\top g v / v^\top v` of any vector lies in :math:`[\lambda_{\min}, \lambda_{\max}]`,
-    so :math:`\rho(w) / \rho(v)` is a lower bound on the condition number; ``steps`` power iterations
-    (:math:`w \leftarrow g w`) and inverse iterations (:math:`v \leftarrow g^{-1} v`) bring it close to it.
-    False means "not certain": the caller decides from the eigenvalues.
-    """
-    chol, info = torch.linalg.cholesky_ex(g)
-    if int(info) != 0:
-        return True
-    v = torch.randn(g.shape[0], 1, generator=torch.Generator().manual_seed(0), dtype=g.dtype).to(g.device)
-    w = v.clone()
-    for _ in range(steps):
-        v = torch.cholesky_solve(v, chol)
-        v = v / v.norm()
-        w = g @ w
-        w = w / w.norm()
-    smallest, largest = float(v.T @ (g @ v)), float(w.T @ (g @ w))
-    return smallest <= 0 or largest / smallest > GRAM_COND_LIMIT
