@@ -19,30 +19,27 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
+from typing import List
 
 import torch
 
+from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 from fusion_bench_tsv.functional import truncated_svd, tsv_merge_factors
 from fusion_bench_tsv.functional.svd import concat_factors
 from fusion_bench_tsv.io.atomic import write_atomic
+from performance import UPDATES, device_name
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: per block of a tower: (shape, count); ViT-B/32 and B/16 have 12 blocks of width 768 and MLP 3072
 TOWERS = {"ViT-B/32": (12, [((768, 768), 4), ((3072, 768), 1), ((768, 3072), 1)])}
 
 
-def decaying_update(m: int, n: int, g: torch.Generator, rank: int = 128, scale: float = 4.7e-4,
-                    noise: float = 1.6e-4) -> torch.Tensor:
-    """The ``decaying`` synthetic task update of ``benchmarks/performance.py`` (σⱼ ∝ 1/j, rank 128, plus noise)."""
-    k = min(rank, m, n)
-    p = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
-    q = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
-    s = torch.arange(1, k + 1, dtype=torch.float64).reciprocal()
-    s *= scale * (m * n) ** 0.5 / s.norm()
-    return ((p * s) @ q.T + noise * torch.randn(m, n, generator=g, dtype=torch.float64)).float()
+def decaying_updates(shape, num_tasks: int, seed: int) -> List[torch.Tensor]:
+    """T updates of one matrix: the ``decaying`` synthetic task updates of the performance pools."""
+    zero = {"w": torch.zeros(shape)}
+    return [synthetic_task_state(zero, seed=seed + i, **UPDATES["decaying"])["w"] for i in range(num_tasks)]
 
 
 def best_of(fn, repeats: int = 3) -> float:
@@ -54,10 +51,9 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def measure(shape, num_tasks: int, g: torch.Generator) -> dict:
-    m, n = shape
+def measure(shape, num_tasks: int, seed: int) -> dict:
     k = min(shape) // num_tasks
-    deltas = [decaying_update(m, n, g) for _ in range(num_tasks)]
+    deltas = decaying_updates(shape, num_tasks, seed)
     ours_task = sum(best_of(lambda d=d: truncated_svd(d.double(), k, "gram")) for d in deltas) / num_tasks
     factors = [truncated_svd(d.double(), k, "gram") for d in deltas]
     ours_merge = best_of(lambda: tsv_merge_factors(factors, "gram"))
@@ -107,16 +103,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "merge_kernels")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
     tower = "ViT-B/32"
     blocks, layout = TOWERS[tower]
     rows = []
     for t in args.num_tasks:
-        matrices = [measure(shape, t, g) for shape, _ in layout]
+        matrices = [measure(shape, t, seed=1000 * j) for j, (shape, _) in enumerate(layout)]
         rows.append({"num_tasks": t, "matrices": matrices, "tower": tower_totals(matrices, blocks, layout, t)})
         print(json.dumps(rows[-1]["tower"]), flush=True)
     doc = {"command": "PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks " + " ".join(map(str, args.num_tasks)),
-           "tower": tower, "machine": f"{os.cpu_count()} cores", "rows": rows}
+           "tower": tower, "machine": device_name(None), "rows": rows}
     write_atomic(args.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
     write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(markdown(doc)))
     print(markdown(doc))
