@@ -9,6 +9,11 @@ For the matrix shapes of a tower (ViT-B/32 by default: per block 4 attention 768
 - FusionBench's kernels on the same matrices: a float32 ``torch.linalg.svd`` per task, and the two SVDs of the
   concatenated U and V.
 
+- the CPU's floor under those kernels (``primitives``): float64 matrix products at n = 768 (GFLOP/s), a full
+  768 × 768 symmetric eigendecomposition (``dsyevr`` as the merge calls it, ``torch.linalg.eigh``) and its
+  tridiagonalization alone (``dsytrd``), and the two polar factors of a 768 × 768 side (the Gram whitening the
+  merge uses, and a float64 SVD).
+
 CPU-seconds per tower = Σ over the tower's matrices. Our kernels are also timed two at a time on the worker
 pool of a merge (``LayerExecutor(2)``, one BLAS thread each): each runs ``slowdown`` times slower than alone, so on
 2 cores our wall time cannot be below Σ (kernel seconds × its slowdown) / 2.
@@ -29,7 +34,7 @@ import torch
 
 from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
 from fusion_bench_tsv.functional import truncated_svd, tsv_merge_factors
-from fusion_bench_tsv.functional.svd import concat_factors
+from fusion_bench_tsv.functional.svd import concat_factors, eigh_top, gram
 from fusion_bench_tsv.io.atomic import write_atomic
 from fusion_bench_tsv.runtime.parallel import LayerExecutor, single_thread
 from performance import UPDATES, device_name
@@ -83,6 +88,20 @@ def measure(shape, num_tasks: int, seed: int) -> dict:
             "fusion_bench_per_task_s": fb_task, "fusion_bench_merge_s": fb_merge}
 
 
+def primitives(n: int = 768) -> dict:
+    """One-thread seconds (and GEMM GFLOP/s) of the LAPACK/BLAS kernels under TSV-M at width ``n``."""
+    from scipy.linalg.lapack import dsytrd
+
+    a = decaying_updates((n, n), 1, seed=7)[0].double()
+    g = gram(a)
+    gemm = best_of(lambda: a @ a, 5)
+    return {"n": n, "gemm_gflops": 2 * n**3 / gemm / 1e9, "gemm_s": gemm,
+            "eigh_dsyevr_s": best_of(lambda: eigh_top(g)), "eigh_torch_s": best_of(lambda: torch.linalg.eigh(g)),
+            "tridiagonalization_s": best_of(lambda: dsytrd(g.numpy())),
+            "polar_whitening_s": best_of(lambda: eigh_top(gram(a))),
+            "polar_svd_s": best_of(lambda: torch.linalg.svd(a, full_matrices=False))}
+
+
 def tower_totals(rows, blocks: int, layout, num_tasks: int) -> dict:
     by_shape = {tuple(r["shape"]): r for r in rows}
     out = {}
@@ -119,6 +138,12 @@ def markdown(doc: dict) -> str:
                          f"{mrow['ours_per_task_s']:.3f} | {mrow['ours_merge_s']:.3f} | "
                          f"{mrow['fusion_bench_per_task_s']:.3f} | {mrow['fusion_bench_merge_s']:.3f} | "
                          f"{mrow['ours_per_task_slowdown_2_workers']:.2f} / {mrow['ours_merge_slowdown_2_workers']:.2f} |")
+    p = doc["primitives"]
+    lines += ["", f"The CPU's floor (one thread, n = {p['n']}): a float64 matrix product {p['gemm_s']:.3f} s "
+              f"({p['gemm_gflops']:.1f} GFLOP/s); a full symmetric eigendecomposition {p['eigh_dsyevr_s']:.3f} s "
+              f"(`dsyevr`), {p['eigh_torch_s']:.3f} s (`torch.linalg.eigh`), of which the tridiagonalization "
+              f"(`dsytrd`) {p['tridiagonalization_s']:.3f} s; the polar factor of one side: Gram matrix and "
+              f"`dsyevr` {p['polar_whitening_s']:.3f} s, float64 SVD {p['polar_svd_s']:.3f} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -137,6 +162,8 @@ def main() -> None:
         print(json.dumps(rows[-1]["tower"]), flush=True)
     doc = {"command": "PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks " + " ".join(map(str, args.num_tasks)),
            "tower": tower, "machine": device_name(None), "rows": rows}
+    with single_thread():
+        doc["primitives"] = primitives()
     write_atomic(args.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
     write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(markdown(doc)))
     print(markdown(doc))
