@@ -28,7 +28,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -59,10 +59,9 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def side_by_side(fn, workers: int = 2) -> float:
+def side_by_side(fn, alone: float, workers: int = 2) -> float:
     """How many times slower each of ``workers`` concurrent runs of ``fn`` on a merge's worker pool is than
-    one run alone (1.0: the workers scale perfectly)."""
-    alone = best_of(fn)
+    one run alone, which took ``alone`` seconds (1.0: the workers scale perfectly)."""
 
     def together():
         with LayerExecutor(workers) as pool:
@@ -75,15 +74,16 @@ def side_by_side(fn, workers: int = 2) -> float:
 def measure(shape, num_tasks: int, seed: int) -> dict:
     k = min(shape) // num_tasks
     deltas = decaying_updates(shape, num_tasks, seed)
-    ours_task = sum(best_of(lambda d=d: truncated_svd(d.double(), k, "gram")) for d in deltas) / num_tasks
+    task_times = [best_of(lambda d=d: truncated_svd(d.double(), k, "gram")) for d in deltas]
+    task_slowdown = side_by_side(lambda: truncated_svd(deltas[0].double(), k, "gram"), task_times[0])
     factors = [truncated_svd(d.double(), k, "gram") for d in deltas]
-    ours_merge = best_of(lambda: tsv_merge_factors(factors, "gram"))
-    task_slowdown = side_by_side(lambda: truncated_svd(deltas[0].double(), k, "gram"))
-    merge_slowdown = side_by_side(lambda: tsv_merge_factors(factors, "gram"))
+    merge = lambda: tsv_merge_factors(factors, "gram")  # noqa: E731
+    ours_merge = best_of(merge)
+    merge_slowdown = side_by_side(merge, ours_merge)
     fb_task = best_of(lambda: torch.linalg.svd(deltas[0], full_matrices=False), 2)
     u, _, vh = concat_factors([truncated_svd(d, k, "svd") for d in deltas])
     fb_merge = best_of(lambda: (torch.linalg.svd(u, full_matrices=False), torch.linalg.svd(vh, full_matrices=False)), 2)
-    return {"shape": list(shape), "k": k, "ours_per_task_s": ours_task, "ours_merge_s": ours_merge,
+    return {"shape": list(shape), "k": k, "ours_per_task_s": sum(task_times) / num_tasks, "ours_merge_s": ours_merge,
             "ours_per_task_slowdown_2_workers": task_slowdown, "ours_merge_slowdown_2_workers": merge_slowdown,
             "fusion_bench_per_task_s": fb_task, "fusion_bench_merge_s": fb_merge}
 
@@ -104,15 +104,19 @@ def primitives(n: int = 768) -> dict:
 
 def tower_totals(rows, blocks: int, layout, num_tasks: int) -> dict:
     by_shape = {tuple(r["shape"]): r for r in rows}
+
+    def total(field: str, slowdown: Optional[str] = None) -> float:
+        """Σ over the tower's matrices of ``field`` (times ``slowdown``, if named)."""
+        return blocks * sum(count * by_shape[shape][field] * (by_shape[shape][slowdown] if slowdown else 1)
+                            for shape, count in layout)
+
     out = {}
     for impl in ("ours", "fusion_bench"):
-        task = sum(count * by_shape[shape][f"{impl}_per_task_s"] for shape, count in layout) * blocks * num_tasks
-        merge = sum(count * by_shape[shape][f"{impl}_merge_s"] for shape, count in layout) * blocks
+        task, merge = total(f"{impl}_per_task_s") * num_tasks, total(f"{impl}_merge_s")
         out[impl] = {"per_task_cpu_s": task, "orthogonalization_cpu_s": merge, "total_cpu_s": task + merge}
-    out["ours"]["wall_floor_2_workers_s"] = sum(
-        count * by_shape[shape]["ours_per_task_s"] * by_shape[shape]["ours_per_task_slowdown_2_workers"] * num_tasks
-        + count * by_shape[shape]["ours_merge_s"] * by_shape[shape]["ours_merge_slowdown_2_workers"]
-        for shape, count in layout) * blocks / 2
+    out["ours"]["wall_floor_2_workers_s"] = (
+        total("ours_per_task_s", "ours_per_task_slowdown_2_workers") * num_tasks
+        + total("ours_merge_s", "ours_merge_slowdown_2_workers")) / 2
     return out
 
 
@@ -155,15 +159,14 @@ def main() -> None:
     tower = "ViT-B/32"
     blocks, layout = TOWERS[tower]
     rows = []
-    for t in args.num_tasks:
-        with single_thread():  # torch's and SciPy's BLAS
+    with single_thread():  # torch's and SciPy's BLAS
+        for t in args.num_tasks:
             matrices = [measure(shape, t, seed=1000 * j) for j, (shape, _) in enumerate(layout)]
-        rows.append({"num_tasks": t, "matrices": matrices, "tower": tower_totals(matrices, blocks, layout, t)})
-        print(json.dumps(rows[-1]["tower"]), flush=True)
-    doc = {"command": "PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks " + " ".join(map(str, args.num_tasks)),
-           "tower": tower, "machine": device_name(None), "rows": rows}
-    with single_thread():
-        doc["primitives"] = primitives()
+            rows.append({"num_tasks": t, "matrices": matrices, "tower": tower_totals(matrices, blocks, layout, t)})
+            print(json.dumps(rows[-1]["tower"]), flush=True)
+        doc = {"command": "PYTHONPATH=. python benchmarks/merge_kernels.py --num-tasks "
+               + " ".join(map(str, args.num_tasks)), "tower": tower, "machine": device_name(None), "rows": rows,
+               "primitives": primitives()}
     write_atomic(args.out.with_suffix(".json"), lambda p: p.write_text(json.dumps(doc, indent=1)))
     write_atomic(args.out.with_suffix(".md"), lambda p: p.write_text(markdown(doc)))
     print(markdown(doc))
