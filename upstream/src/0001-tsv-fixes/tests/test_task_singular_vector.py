@@ -9,6 +9,7 @@ from copy import deepcopy
 
 import torch
 import torch.nn as nn
+
 from fusion_bench.method import TaskSingularVectorMerging
 from fusion_bench.method.task_singular_vector.utils import (
     compute_task_singular_interference,
