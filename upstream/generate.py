@@ -687,6 +687,7 @@ def build_series() -> Dict[str, str]:
         out[f"series/{pr.name}.patch"] = patch
         out[f"series/{pr.name}.md"] = description.read_text().format(
             main_commit=MAIN_COMMIT,
+            main_commit_short=MAIN_COMMIT[:7],
             version=FUSION_BENCH_VERSION,
             files="\n".join(f"- `{p}` (+{a} −{r}{', new' if base[p] is None else ''})" for p, (a, r) in per_file.items()),
             total=f"{len(per_file)} files, +{added} −{removed} lines",
