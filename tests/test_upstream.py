@@ -5,6 +5,9 @@ with FusionBench's own tests plus the new ``tests/test_tsv.py``.
 The source distribution is downloaded once (``pip download``) into the pytest cache and verified by its
 SHA-256; later runs need no network. The scratch venv borrows this interpreter's installed dependencies
 without FusionBench and without this project, so only the patched FusionBench is importable there.
+
+The series (``upstream/series/``): up to date, and each pull request, in order, applying to a copy of the installed
+FusionBench 0.2.33 (no download), where the tests it adds fail before it and pass after it.
 """
 
 from __future__ import annotations
