@@ -41,10 +41,11 @@ def _orthogonalize(x):
 
 
 def _reference_tsvm(deltas, k):
-    """TSV-M of one matrix: the top-k factors of every task concatenated, U and V orthogonalized, U⊥ Σ V⊥ᵀ.
+    """TSV-M of one matrix: the top-k factors of every task concatenated, U and V orthogonalized.
 
-    Returns the merged update and the bound on its round-off: the eigh-based orthogonalization has an
-    error of order d·ε·κ² (κ: condition number of U or V, d: the largest dimension), times ‖Σ‖.
+    Returns U⊥, Σ, V⊥ (the merged update is U⊥ Σ V⊥ᵀ, task i's part the i-th blocks of k columns) and the
+    bound on the update's round-off: the eigh-based orthogonalization has an error of order d·ε·κ²
+    (κ: condition number of U or V, d: the largest dimension), times ‖Σ‖.
     """
     svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
     U = torch.cat([u[:, :k] for u, _, _ in svds], dim=1)
@@ -54,7 +55,7 @@ def _reference_tsvm(deltas, k):
     bound = (
         10 * max(*U.shape, *V.shape) * EPS * sum(c**2 for c in kappa) * S.max().item()
     )
-    return _orthogonalize(U) @ torch.diag(S) @ _orthogonalize(V).T, bound
+    return _orthogonalize(U), S, _orthogonalize(V), bound
 
 
 def _reference_sti(deltas):
@@ -90,17 +91,29 @@ class TestTaskSingularVectorMerging(unittest.TestCase):
     def _check_merge(self, in_features, out_features, num_tasks, k):
         models = _modelpool(in_features, out_features, num_tasks, seed=0)
         pretrained = deepcopy(models["_pretrained_"]).state_dict()
-        tasks = [models[f"task_{i}"].state_dict() for i in range(num_tasks)]
+        names = [f"task_{i}" for i in range(num_tasks)]
+        tasks = [models[name].state_dict() for name in names]
 
-        merged = TaskSingularVectorMerging(alpha=1).run(BaseModelPool(models))
+        algorithm = TaskSingularVectorMerging(alpha=1, return_single_task_models=True)
+        merged = algorithm.run(BaseModelPool(models))
 
         deltas = [t["weight"] - pretrained["weight"] for t in tasks]
-        update, bound = _reference_tsvm(deltas, k)
-        error = (merged.weight - pretrained["weight"] - update).abs().max().item()
-        self.assertLessEqual(error, bound)
+        U, S, V, bound = _reference_tsvm(deltas, k)
+        update = U @ torch.diag(S) @ V.T
+        error = (merged["merged"].weight - pretrained["weight"] - update).abs().max()
+        self.assertLessEqual(error.item(), bound)
+        for i, name in enumerate(names):  # each task's part of the merged update
+            part = slice(i * k, (i + 1) * k)
+            task_update = U[:, part] @ torch.diag(S[part]) @ V[:, part].T
+            error = (
+                (merged[name].weight - pretrained["weight"] - task_update).abs().max()
+            )
+            self.assertLessEqual(error.item(), bound, name)
         # parameters that are not matrices are averaged
         mean_bias = torch.stack([t["bias"] - pretrained["bias"] for t in tasks]).mean(0)
-        torch.testing.assert_close(merged.bias, pretrained["bias"] + mean_bias)
+        torch.testing.assert_close(
+            merged["merged"].bias, pretrained["bias"] + mean_bias
+        )
         return update
 
     def test_matches_reference(self):
