@@ -5,6 +5,9 @@ with FusionBench's own tests plus the new ``tests/test_tsv.py``.
 The source distribution is downloaded once (``pip download``) into the pytest cache and verified by its
 SHA-256; later runs need no network. The scratch venv borrows this interpreter's installed dependencies
 without FusionBench and without this project, so only the patched FusionBench is importable there.
+
+The series (``upstream/series/``): up to date, and each pull request, in order, applying to a copy of the installed
+FusionBench 0.2.33 (no download), where the tests it adds fail before it and pass after it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -135,3 +139,61 @@ def test_pull_request_on_fusion_bench_sdist(sdist, tmp_path):
     expected = (UPSTREAM / "src" / "tests" / "test_tsv.py").read_text().count("    def test_")  # the PR test source
     ran = len(re.findall(r"^test_\w+ \(test_tsv\.\w+\.test_\w+\)", proc.stderr, flags=re.M))
     assert ran == expected, f"{ran} of the {expected} tests of tests/test_tsv.py ran:\n{proc.stderr[-3000:]}"
+
+
+# ----------------------------------------------------------------------------------------- the series
+def test_series_is_up_to_date():
+    stale = generate.stale_files(generate.build_series(), UPSTREAM)
+    assert not stale, "upstream/series is out of date: run `python upstream/generate.py --series-only`; differs: " + ", ".join(stale)
+
+
+def test_series_edit_that_no_longer_matches_stops_the_generator(monkeypatch):
+    first = generate.SERIES[0]
+    path, old, new = first.edits[0]
+    broken = generate.PullRequest(first.name, edits=((path, old + "# not in FusionBench\n", new),))
+    monkeypatch.setattr(generate, "SERIES", [broken])
+    with pytest.raises(generate.GenerationError, match=rf"{first.name}: the passage to replace in {re.escape(path)}"):
+        generate.build_series()
+
+
+#: run in a FusionBench tree (cwd): the tests of files matching argv[1]; prints one JSON line
+RUN_TESTS = """
+import json, sys, unittest
+import fusion_bench
+result = unittest.TextTestRunner(verbosity=2).run(unittest.defaultTestLoader.discover("tests", pattern=sys.argv[1]))
+print(json.dumps({"fusion_bench": fusion_bench.__file__, "ran": result.testsRun,
+                  "failed": sorted(t.id() for t, _ in result.failures + result.errors)}))
+"""
+
+
+def _run_tests(tree: Path, pattern: str) -> dict:
+    proc = subprocess.run([sys.executable, "-c", RUN_TESTS, pattern], cwd=tree, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"})
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert Path(report["fusion_bench"]).is_relative_to(tree), report  # the copy's FusionBench, not the installed one
+    return report | {"log": proc.stderr[-3000:]}
+
+
+def test_series_applies_to_fusion_bench_0_2_33_and_its_tests_pass(tmp_path):
+    """Each pull request, in order, applies to the installed fusion-bench 0.2.33 in the sdist's layout; the tests it
+    adds fail before it (they test its change) and pass after it."""
+    installed = Path(importlib.util.find_spec("fusion_bench").origin).parent
+    tree = tmp_path / "fusion_bench_repo"
+    shutil.copytree(installed, tree / "fusion_bench", ignore=shutil.ignore_patterns("__pycache__"))
+    (tree / "tests").mkdir()
+    for pr in generate.SERIES:
+        patch = UPSTREAM / "series" / f"{pr.name}.patch"
+        added_tests = re.findall(r"^\+\+\+ b/tests/(test_\w+\.py)$", patch.read_text(), flags=re.M)
+        assert added_tests, f"{pr.name} adds no tests/test_*.py"
+        for name in added_tests:  # the new test file alone, on the tree without this pull request: it must fail
+            source = UPSTREAM / "src" / pr.name / "tests" / name
+            (tree / "tests" / name).write_text(source.read_text())
+            before = _run_tests(tree, name)
+            assert before["failed"], f"{pr.name}: tests/{name} passes without the pull request: {before}"
+            (tree / "tests" / name).unlink()
+        _run(["git", "apply", "--check", patch], tree, f"git apply --check {patch.name}", GIT_CEILING_DIRECTORIES=str(tmp_path))
+        _run(["git", "apply", patch], tree, f"git apply {patch.name}", GIT_CEILING_DIRECTORIES=str(tmp_path))
+        for name in added_tests:
+            after = _run_tests(tree, name)
+            expected = (tree / "tests" / name).read_text().count("    def test_")
+            assert after["ran"] == expected and not after["failed"], f"{pr.name}: {after}"

@@ -1,13 +1,19 @@
 #!/usr/bin/env python
-"""Generate the FusionBench pull request (``upstream/``) from this package's code.
+"""Generate the FusionBench pull requests (``upstream/``).
 
-The pull request adds TSV-M, TSV-C and STI to FusionBench ``0.2.33`` as ``fusion_bench/method/tsv/``.
-Everything in it is derived from this repository by :data:`PLACEMENT` (what goes where) and the
-rewrites below, so the package and the contribution never diverge:
+The series (``upstream/series/``, :data:`SERIES`): small pull requests against FusionBench's git main
+(:data:`MAIN_COMMIT`), each applying on top of the ones before it and also to ``0.2.33``; each is written from
+``upstream/src/<name>/`` (its files in FusionBench's layout and its description ``PR.md``) and the passages it
+edits in FusionBench's own files. ``series/<name>.patch`` and ``series/<name>.md`` per pull request.
 
-    python upstream/generate.py             # writes upstream/tsv.patch (every file of the PR) and upstream/PR.md
-    python upstream/generate.py --tree      # also the PR's files under upstream/pr/ (FusionBench's repo layout)
-    python upstream/generate.py --check     # exit 1 (listing the files) when they are out of date
+The single pull request (``tsv.patch``, ``PR.md``) adds TSV-M, TSV-C and STI to FusionBench ``0.2.33`` as
+``fusion_bench/method/tsv/``. Everything in it is derived from this repository by :data:`PLACEMENT` (what goes
+where) and the rewrites below, so the package and the contribution never diverge:
+
+    python upstream/generate.py                # writes the series, upstream/tsv.patch and upstream/PR.md
+    python upstream/generate.py --series-only  # only the series (no download needed)
+    python upstream/generate.py --tree         # also the single PR's files under upstream/pr/ (FusionBench's layout)
+    python upstream/generate.py --check        # exit 1 (listing the files) when they are out of date
 
 The unchanged FusionBench files that the patch edits come from the ``fusion-bench==0.2.33`` source
 distribution, downloaded once with ``pip download`` into ``~/.cache/fusion_bench_tsv/upstream`` (or
@@ -21,6 +27,7 @@ import ast
 import difflib
 import hashlib
 import importlib.metadata
+import importlib.util
 import re
 import subprocess
 import sys
@@ -544,13 +551,159 @@ def build(cache_dir: Path) -> Dict[str, str]:
     return out
 
 
-COMMITTED = ("tsv.patch", "PR.md")
-"""What the repository keeps: the patch holds every file of the pull request; ``pr/`` (``--tree``) is the same
-files as a directory tree for reading, not committed (it would be a second copy of the package's code)."""
+# ----------------------------------------------------------------------------------------- the series
+#: FusionBench's git main (github.com/tanganke/fusion_bench) that every pull request of the series is made against
+MAIN_COMMIT = "54c9e8c9d9621620c720452cd8533332a32d3689"
+#: Every FusionBench file the series touches: its git blob id at MAIN_COMMIT, ``None`` for a file main does not
+#: have. A file main has is read from the installed ``fusion_bench`` (0.2.33: no file the series touches changed
+#: between 0.2.33 and MAIN_COMMIT) and must hash to this blob id, so each patch is made against main's text.
+MAIN_BLOBS: Dict[str, Optional[str]] = {
+    "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py": "f45ff82c7af9a51a0fa1c025f9f95845a4371edc",
+    "fusion_bench/method/task_singular_vector/utils/task_singular_interference.py":
+        "4dae241d79f24f6a2bd6f3a50b3e33014717c73e",
+    "tests/test_task_singular_vector.py": None,
+}
+
+
+@dataclass(frozen=True)
+class PullRequest:
+    """One pull request of the series: ``upstream/src/<name>/`` holds its new or replaced files in FusionBench's
+    repository layout and ``PR.md``, its description; ``edits`` replace single passages of FusionBench's files
+    (``(path, old, new)``, each ``old`` found exactly once)."""
+
+    name: str
+    edits: Tuple[Tuple[str, str, str], ...] = ()
+
+
+SERIES: List[PullRequest] = [
+    PullRequest(
+        "0001-tsv-fixes",
+        edits=(
+            (
+                "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py",
+                """\
+                if i == 0:
+                    print(f"Computed SVD for {key}...")
+                    sum_u = torch.zeros_like(u, device=accelerator)
+                    sum_s = torch.zeros_like(s, device=accelerator)
+                    sum_vh = torch.zeros_like(vh, device=accelerator)
+                reduced_index_s = int(s.shape[0] * sv_reduction)
+""",
+                """\
+                # at least one singular triplet per task: int(min(m, n) / T) is 0 when
+                # min(m, n) < T, which would drop the layer's update
+                reduced_index_s = max(1, int(s.shape[0] * sv_reduction))
+                if i == 0:
+                    print(f"Computed SVD for {key}...")
+                    # T * reduced_index_s exceeds min(m, n) when min(m, n) < T
+                    width = max(s.shape[0], num_tasks * reduced_index_s)
+                    sum_u = u.new_zeros(u.shape[0], width)
+                    sum_s = s.new_zeros(width)
+                    sum_vh = vh.new_zeros(width, vh.shape[1])
+""",
+            ),
+            (
+                "fusion_bench/method/task_singular_vector/utils/TSVM_utils.py",
+                """\
+            if return_single_task_models:
+                reduced_index_s = int(sum_s.shape[0] * sv_reduction)
+                new_u = u_u @ vh_u
+""",
+                """\
+            if return_single_task_models:
+                new_u = u_u @ vh_u
+""",
+            ),
+        ),
+    ),
+]
+
+
+def git_blob_id(data: bytes) -> str:
+    """The id git gives a file's content (``git hash-object``)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def main_file(path: str) -> Optional[str]:
+    """FusionBench's ``path`` at MAIN_COMMIT (``None``: main has no such file), read from the installed package."""
+    if path not in MAIN_BLOBS:
+        raise GenerationError(f"the series touches {path}: record its blob id at {MAIN_COMMIT[:7]} in MAIN_BLOBS "
+                              f"(`git ls-tree {MAIN_COMMIT[:7]} {path}`; None for a new file)")
+    blob = MAIN_BLOBS[path]
+    if blob is None:
+        return None
+    spec = importlib.util.find_spec("fusion_bench")
+    if spec is None or spec.origin is None:
+        raise GenerationError(f"fusion_bench is not installed: pip install fusion-bench=={FUSION_BENCH_VERSION}")
+    installed = Path(spec.origin).parent.parent / re.sub(r"^config/", "fusion_bench_config/", path)
+    if not installed.is_file():
+        raise GenerationError(f"{path} is not part of the installed fusion_bench; the series can only edit its files")
+    data = installed.read_bytes()
+    if git_blob_id(data) != blob:
+        raise GenerationError(f"{installed} is not FusionBench's {path} at {MAIN_COMMIT[:7]} (blob {blob}): "
+                              f"install fusion-bench=={FUSION_BENCH_VERSION}")
+    return data.decode()
+
+
+def diffstat(patch: str) -> Tuple[Dict[str, Tuple[int, int]], int, int]:
+    """``({path: (added, removed)}, added, removed)`` of a patch made by :func:`unified_diff`."""
+    stats: Dict[str, List[int]] = {}
+    for block in patch.split("diff --git a/")[1:]:
+        path = block.split(" ", 1)[0]
+        lines = block.splitlines()
+        body = [line for line in lines[1:] if not line.startswith(("--- ", "+++ "))]
+        stats[path] = [sum(line.startswith("+") for line in body), sum(line.startswith("-") for line in body)]
+    return ({p: (a, r) for p, (a, r) in stats.items()}, sum(a for a, _ in stats.values()),
+            sum(r for _, r in stats.values()))
+
+
+def build_series() -> Dict[str, str]:
+    """``{path under upstream/: text}`` of the series: ``series/<name>.patch`` and ``series/<name>.md`` per pull
+    request; each patch is made against main with the pull requests before it applied."""
+    current: Dict[str, Optional[str]] = {}
+    out: Dict[str, str] = {}
+    for pr in SERIES:
+        src = REPO_ROOT / "upstream" / "src" / pr.name
+        description = src / "PR.md"
+        if not description.is_file():
+            raise GenerationError(f"upstream/src/{pr.name}/PR.md (the pull request's description) is missing")
+        new: Dict[str, str] = {}
+
+        def text_of_base(path: str) -> Optional[str]:
+            return current[path] if path in current else main_file(path)
+
+        for file in sorted(src.rglob("*")):
+            if file.is_file() and file != description and "__pycache__" not in file.parts:
+                new[file.relative_to(src).as_posix()] = file.read_text()
+        for path, old, replacement in pr.edits:
+            text = new[path] if path in new else text_of_base(path)
+            if text is None or text.count(old) != 1:
+                raise GenerationError(f"{pr.name}: the passage to replace in {path} is not there exactly once: "
+                                      "update SERIES in upstream/generate.py")
+            new[path] = text.replace(old, replacement)
+        base = {path: text_of_base(path) for path in new}
+        patch = "".join(unified_diff(path, base[path], new[path]) for path in sorted(new))
+        per_file, added, removed = diffstat(patch)
+        out[f"series/{pr.name}.patch"] = patch
+        out[f"series/{pr.name}.md"] = description.read_text().format(
+            main_commit=MAIN_COMMIT,
+            main_commit_short=MAIN_COMMIT[:7],
+            version=FUSION_BENCH_VERSION,
+            files="\n".join(f"- `{p}` (+{a} −{r}{', new' if base[p] is None else ''})" for p, (a, r) in per_file.items()),
+            total=f"{len(per_file)} files, +{added} −{removed} lines",
+        )
+        current.update(new)
+    return out
+
+
+def committed(outputs: Dict[str, str]) -> List[str]:
+    """The outputs the repository keeps: everything but the ``pr/`` tree (``--tree``: the single pull request's
+    files as a directory tree for reading; committed, it would be a second copy of the package's code)."""
+    return sorted(p for p in outputs if not p.startswith("pr/"))
 
 
 def write(outputs: Dict[str, str], out_dir: Path, tree: bool = False) -> None:
-    """Write ``tsv.patch`` and ``PR.md``; with ``tree``, also replace ``out_dir/pr`` (atomically, as one directory)."""
+    """Write the committed outputs; with ``tree``, also replace ``out_dir/pr`` (atomically, as one directory)."""
 
     def fill(tmp: Path) -> None:
         for path, text in outputs.items():
@@ -561,13 +714,13 @@ def write(outputs: Dict[str, str], out_dir: Path, tree: bool = False) -> None:
 
     if tree:
         write_dir_atomic(out_dir / "pr", fill)
-    for name in COMMITTED:
+    for name in committed(outputs):
         write_atomic(out_dir / name, lambda tmp, name=name: tmp.write_text(outputs[name]))
 
 
 def stale_files(outputs: Dict[str, str], out_dir: Path) -> List[str]:
-    """The committed files under ``out_dir`` (:data:`COMMITTED`) that differ from ``outputs`` or are missing."""
-    return sorted(p for p in COMMITTED if not (out_dir / p).is_file() or (out_dir / p).read_text() != outputs[p])
+    """The committed outputs under ``out_dir`` that differ from ``outputs`` or are missing."""
+    return [p for p in committed(outputs) if not (out_dir / p).is_file() or (out_dir / p).read_text() != outputs[p]]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -578,9 +731,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="only report files that are out of date (exit 1)")
     parser.add_argument("--tree", action="store_true",
                         help="also write the pull request's files as a tree under <out>/pr/ (for reading; not committed)")
+    parser.add_argument("--series-only", action="store_true",
+                        help="only the series (upstream/series/), not tsv.patch and PR.md")
     args = parser.parse_args(argv)
     try:
-        outputs = build(args.cache_dir)
+        outputs = build_series()
+        if not args.series_only:
+            outputs.update(build(args.cache_dir))
     except GenerationError as exc:
         print(f"upstream/generate.py: {exc}", file=sys.stderr)
         return 2
@@ -589,11 +746,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if stale:
             print("out of date (run python upstream/generate.py):\n  " + "\n  ".join(stale), file=sys.stderr)
             return 1
-        print(f"{args.out}: up to date ({len(outputs) - len(COMMITTED)} files in {args.out / 'tsv.patch'})")
+        print(f"{args.out}: up to date ({', '.join(committed(outputs))})")
         return 0
     write(outputs, args.out, tree=args.tree)
     tree = f" and the tree under {args.out / 'pr'}" if args.tree else ""
-    print(f"wrote {args.out / 'tsv.patch'} ({len(outputs) - len(COMMITTED)} files), {args.out / 'PR.md'}{tree}")
+    print(f"wrote {', '.join(str(args.out / p) for p in committed(outputs))}{tree}")
     return 0
 
 
