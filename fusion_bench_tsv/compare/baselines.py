@@ -57,26 +57,27 @@ class Pools:
 
 @contextlib.contextmanager
 def output_to(path: Path) -> Iterator[None]:
-    """Send everything written to the process's stdout and stderr (file descriptors 1 and 2: Python, rich,
-    tqdm, C libraries) and every log record of level INFO and above to ``path`` (appended) for the duration."""
+    """Send everything written to stdout and stderr (``sys.stdout`` / ``sys.stderr`` and file descriptors 1
+    and 2: Python, rich, tqdm, C libraries) and every log record of level INFO and above to ``path``
+    (appended) for the duration."""
     path.parent.mkdir(parents=True, exist_ok=True)
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
     root = logging.getLogger()
     level = root.level
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    with open(path, "a", encoding="utf-8") as log:
+    with open(path, "a", encoding="utf-8", buffering=1) as log:
+        handler = logging.StreamHandler(log)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         root.addHandler(handler)
         root.setLevel(logging.INFO)
         try:
-            yield
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield
         finally:
-            sys.stdout.flush()
-            sys.stderr.flush()
+            log.flush()
             root.removeHandler(handler)
             root.setLevel(level)
             os.dup2(saved[0], 1)

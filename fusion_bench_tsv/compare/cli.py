@@ -124,7 +124,8 @@ def compare(args, say=print) -> int:
         rows = sorted(known + new, key=lambda r: r["num_tasks"])
     else:
         rows = stored
-    build_rows = []
+    build_rows: List[dict] = []
+    notes: List[str] = []
     if args.fine_tuned is not None and runs:
         try:
             zero, fine = read_build(args.fine_tuned)
@@ -135,6 +136,8 @@ def compare(args, say=print) -> int:
                 for method, acc in (("zero_shot", zero), ("fine_tuned", fine)):
                     row = make_row(method, {t: acc[t] for t in tasks}, {t: fine[t] for t in tasks})
                     build_rows.append({**row, "source": args.fine_tuned.name, "path": str(args.fine_tuned.resolve())})
+        if fine:
+            notes += _other_build(fine, args.fine_tuned.name, [r for r in stored if r["method"] == "fine_tuned"])
     fine_rows = [r for r in rows if r["method"] == "fine_tuned"]
     runs = [_normalize_by_rows(r, fine_rows) if r["normalized_accuracy"] is None else r for r in runs]
     shown = rows + build_rows + runs
@@ -148,12 +151,14 @@ def compare(args, say=print) -> int:
     paths = write_outputs(shown, out, args.name, title)
     say("")
     say(markdown(shown).rstrip())
-    notes = legend(shown)
-    if notes:
+    lines = legend(shown)
+    if lines:
         say("")
         say("runs:")
-        for line in notes:
+        for line in lines:
             say(f"  {line}")
+    for line in notes:
+        say(line)
     say("")
     say(f"written: {', '.join(str(p) for p in paths)}")
     if failures:
@@ -162,6 +167,19 @@ def compare(args, say=print) -> int:
             say(f"  {line}")
         return 1
     return 0
+
+
+def _other_build(fine: dict, name: str, stored_fine: Sequence[dict]) -> List[str]:
+    """A note for each stored ``fine_tuned`` row whose accuracies differ from those of the build (``fine``)."""
+    notes = []
+    for row in stored_fine:
+        shared = [t for t in row["per_task"] if t in fine]
+        worst = max((abs(100 * fine[t] - row["per_task"][t]) for t in shared), default=0.0)
+        if worst > 1e-6:
+            notes.append(f"note: {name}'s fine-tuned accuracies differ from those of {row['source']} ({row['num_tasks']} "
+                         f"tasks) by up to {worst:.1f} points: another build of the benchmark (library versions, CPU "
+                         "kernels); the rows of each source are normalized by its own fine-tuned accuracies")
+    return notes
 
 
 def _normalize_by_rows(row: dict, fine_rows: Sequence[dict]) -> dict:
