@@ -213,7 +213,7 @@ class _Runner:
 
 def run_baselines(pools: Sequence[Pools], methods: Sequence[str], *, alphas: Sequence[float] = ALPHAS,
                   val_alpha: bool = True, log_dir: Path, known: Sequence[dict] = (),
-                  say: Callable[[str], None] = print) -> Tuple[List[dict], List[str]]:
+                  say: Callable[[str], None] = lambda line: print(line, flush=True)) -> Tuple[List[dict], List[str]]:
     """Compute the rows of :func:`plan` that ``known`` rows (of the same pool label or number of tasks) lack;
     one progress line per row with its time; (the rows, the failures). A known ``fine_tuned`` row normalizes
     the new rows of its number of tasks."""

@@ -15,7 +15,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from .baselines import ALPHAS, BASELINES, Pools, run_baselines
 from .report import legend, markdown, write_outputs
@@ -105,7 +105,7 @@ def _unique_sources(rows: List[dict]) -> List[dict]:
     return out
 
 
-def compare(args, say=print) -> int:
+def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=True)) -> int:
     """The command, with parsed arguments; its exit status."""
     baselines = args.suite is not None or "{suite}" not in args.modelpool
     if not (args.runs or args.results or baselines):
