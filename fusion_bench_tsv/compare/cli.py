@@ -15,10 +15,10 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from .baselines import ALPHAS, BASELINES, Pools, run_baselines
-from .report import legend, markdown, write_outputs
+from .report import ROW_ORDER, legend, markdown, write_outputs
 from .rows import find_reports, make_row, normalize, read_build, read_fine_tuned, read_results, read_run
 
 __all__ = ["main", "parser"]
@@ -121,23 +121,11 @@ def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=Tr
         known = [{k: v for k, v in r.items() if k not in ("source", "path")} for r in stored]
         new, failures = run_baselines(_pools(args), args.methods, alphas=args.alphas, val_alpha=not args.no_val_alpha,
                                       log_dir=args.log_dir or out / "logs", known=known, say=say)
-        rows = sorted(known + new, key=lambda r: r["num_tasks"])
+        order = {m: i for i, m in enumerate(ROW_ORDER)}
+        rows = sorted(known + new, key=lambda r: (r["num_tasks"], order.get(r["method"], len(order))))
     else:
         rows = stored
-    build_rows: List[dict] = []
-    notes: List[str] = []
-    if args.fine_tuned is not None and runs:
-        try:
-            zero, fine = read_build(args.fine_tuned)
-        except ValueError:
-            zero = fine = None
-        for tasks in dict.fromkeys(tuple(r["per_task"]) for r in runs) if fine else []:
-            if all(t in fine and t in zero for t in tasks):
-                for method, acc in (("zero_shot", zero), ("fine_tuned", fine)):
-                    row = make_row(method, {t: acc[t] for t in tasks}, {t: fine[t] for t in tasks})
-                    build_rows.append({**row, "source": args.fine_tuned.name, "path": str(args.fine_tuned.resolve())})
-        if fine:
-            notes += _other_build(fine, args.fine_tuned.name, [r for r in stored if r["method"] == "fine_tuned"])
+    build_rows, notes = _build_rows(args.fine_tuned, runs, stored) if args.fine_tuned is not None else ([], [])
     fine_rows = [r for r in rows if r["method"] == "fine_tuned"]
     runs = [_normalize_by_rows(r, fine_rows) if r["normalized_accuracy"] is None else r for r in runs]
     shown = rows + build_rows + runs
@@ -167,6 +155,22 @@ def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=Tr
             say(f"  {line}")
         return 1
     return 0
+
+
+def _build_rows(path: Path, runs: Sequence[dict], stored: Sequence[dict]) -> Tuple[List[dict], List[str]]:
+    """With a ``build.json`` as ``--fine-tuned``: its zero-shot and fine-tuned rows for the tasks of the runs,
+    and a note where its fine-tuned accuracies differ from a stored table's; nothing for other sources."""
+    try:
+        zero, fine = read_build(path)
+    except ValueError:
+        return [], []
+    rows = []
+    for tasks in dict.fromkeys(tuple(r["per_task"]) for r in runs):
+        if all(t in fine and t in zero for t in tasks):
+            for method, acc in (("zero_shot", zero), ("fine_tuned", fine)):
+                row = make_row(method, {t: acc[t] for t in tasks}, {t: fine[t] for t in tasks})
+                rows.append({**row, "source": path.name, "path": str(path.resolve())})
+    return rows, _other_build(fine, path.name, [r for r in stored if r["method"] == "fine_tuned"])
 
 
 def _other_build(fine: dict, name: str, stored_fine: Sequence[dict]) -> List[str]:
