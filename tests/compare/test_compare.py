@@ -245,3 +245,13 @@ def test_every_option_says_its_default():
     for action in cli.parser()._actions:
         if not isinstance(action, argparse._HelpAction):
             assert action.help and "default" in action.help, action.option_strings
+
+
+def test_the_command_is_a_console_script_of_the_package():
+    import importlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, function = scripts["fusion-bench-tsv-compare"].partition(":")
+    assert getattr(importlib.import_module(module), function) is cli.main
