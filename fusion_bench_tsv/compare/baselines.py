@@ -249,7 +249,7 @@ def run_baselines(pools: Sequence[Pools], methods: Sequence[str], *, alphas: Seq
         row.update(seconds=time.perf_counter() - start, pools=[p.modelpool, p.taskpool])
         rows.append(row)
         norm = row["normalized_accuracy"]
+        alpha = "" if row["alpha"] is None else f"α={row['alpha']:g}"
         say(f"[{i:>2}/{len(todo)}] {p.label:<14} {name:<28} acc {row['avg_accuracy']:5.1f} %  "
-            f"norm. {'  –  ' if norm is None else f'{norm:5.1f}'} %"
-            + (f"  α={row['alpha']:g}" if row["alpha"] is not None else "") + f"  {row['seconds']:6.1f} s")
+            f"norm. {'  –  ' if norm is None else f'{norm:5.1f}'} %  {alpha:<7} {row['seconds']:6.1f} s")
     return rows, failures
