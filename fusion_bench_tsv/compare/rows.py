@@ -109,7 +109,10 @@ def _hydra_file(run_dir: Path, name: str) -> Any:
     ``.hydra/``), parsed; None when absent."""
     for candidate in (run_dir / name, run_dir / ".hydra" / name):
         if candidate.is_file():
-            return yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            try:
+                return yaml.safe_load(candidate.read_text(encoding="utf-8"))
+            except (OSError, yaml.YAMLError) as error:
+                raise ValueError(f"{candidate}: cannot read the run's Hydra file: {error}") from None
     return None
 
 
