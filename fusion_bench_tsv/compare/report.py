@@ -101,9 +101,9 @@ def legend(rows: Sequence[dict]) -> List[str]:
     return lines
 
 
-def _dodge(n: int, gap: float) -> np.ndarray:
-    """Sideways offsets of ``n`` series within 0.6 of the smallest gap between x positions."""
-    return np.zeros(1) if n == 1 else (np.arange(n) / (n - 1) - 0.5) * 0.6 * gap
+def _dodge(n: int, width: float) -> np.ndarray:
+    """Sideways offsets of ``n`` series, spread evenly over ``width``."""
+    return np.zeros(1) if n == 1 else (np.arange(n) / (n - 1) - 0.5) * width
 
 
 def figure(rows: Sequence[dict], title: str = "") -> Figure:
@@ -128,12 +128,14 @@ def figure(rows: Sequence[dict], title: str = "") -> Figure:
                   for k in keys]
         ax.set_xlabel(f"task ({sizes[0]} tasks)")
         ax.set_ylabel("test accuracy (%)")
-    offsets = _dodge(len(keys), float(np.min(np.diff(x))) if len(x) > 1 else 1.0)
+    # within 0.6 of a task's slot, 0.3 of the smallest gap between sizes (less reads as another size)
+    gap = float(np.min(np.diff(x))) if len(x) > 1 else 1.0
+    offsets = _dodge(len(keys), (0.6 if len(sizes) == 1 else 0.3) * gap)
     for key, ys, style, dx in zip(keys, values, styles, offsets):
         label = f"{key[0]} [{key[1]}]" if sourced else key[0]
         if len(sizes) == 1:  # tasks are categories: no lines between them
             style = {**style, "linestyle": "none"}
-        ax.plot(x + dx, ys, label=label, markerfacecolor="none", markersize=7, lw=1.3, **style)
+        ax.plot(x + dx, ys, label=label, markerfacecolor="none", markersize=6, lw=1.3, **style)
     ax.set_xticks(x, x_labels, rotation=30 if len(sizes) == 1 else 0, ha="right" if len(sizes) == 1 else "center")
     ax.set_title(title)
     ax.grid(alpha=0.3)
