@@ -65,7 +65,7 @@ def _cell(row: Optional[dict]) -> str:
 
 def markdown(rows: Sequence[dict]) -> str:
     """The table (one line per method and source), :data:`NORMALIZED` above it, and the wall time per row
-    below it when the rows were computed here."""
+    below it for the rows computed by the command."""
     keys, sizes, by = _order(rows)
     sourced = len({k[1] for k in keys}) > 1
     head = ["method", *(["source"] if sourced else []), *(f"{n} tasks: acc % (norm. %)" for n in sizes)]
@@ -74,7 +74,8 @@ def markdown(rows: Sequence[dict]) -> str:
     for method, source in keys:
         cells = [method, *([source] if sourced else []), *(_cell(by.get((method, source, n))) for n in sizes)]
         lines.append("| " + " | ".join(cells) + " |")
-    timed = [k for k in keys if any(by.get((*k, n), {}).get("seconds") is not None for n in sizes)]
+    # the times of rows computed by the command (stored rows of other sources keep theirs in their files)
+    timed = [k for k in keys if k[1] == COMPUTED and any(by.get((*k, n), {}).get("seconds") is not None for n in sizes)]
     if timed:
         lines += ["", "Wall time per row, seconds (a `_val_alpha` row includes its validation runs):", "",
                   "| method | " + " | ".join(f"{n} tasks" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]

@@ -237,6 +237,12 @@ def test_another_build_is_pointed_out(three_runs, capsys):
                   "--out", str(three_runs["tmp"] / "o")])
     assert "note: build.json's fine-tuned accuracies differ from those of stored.json (3 tasks) by up to 1.0 points" \
         in capsys.readouterr().out
+    # the same build, its accuracies stored in float32 as FusionBench's reports hold them: no note
+    stored.write_text(json.dumps([rows.make_row("fine_tuned", {t: float(np.float32(a)) for t, a in FINE.items()})]))
+    with pytest.raises(SystemExit):
+        cli.main([str(three_runs["dirs"][0]), "--results", str(stored), "--fine-tuned", str(three_runs["build"]),
+                  "--out", str(three_runs["tmp"] / "o")])
+    assert "note:" not in capsys.readouterr().out
 
 
 def test_every_option_says_its_default():
