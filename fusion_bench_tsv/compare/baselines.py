@@ -44,11 +44,13 @@ METHOD_OVERRIDES: Dict[str, List[str]] = {"tsv_compress": ["method.evaluate_fine
 
 @dataclasses.dataclass(frozen=True)
 class Pools:
-    """The config names of one benchmark size: model pool, test task pool, validation task pool (or None)."""
+    """The config names of one benchmark size: model pool, test task pool, validation task pool (or None),
+    and the primary config directory that holds them (None: the one the ``fusion_bench`` CLI would use here)."""
 
     modelpool: str
     taskpool: str
     validation: Optional[str]
+    config_dir: Optional[str] = None
 
     @property
     def label(self) -> str:
@@ -97,9 +99,10 @@ def compose(method: str, pools: Pools, overrides: Sequence[str] = (), split: str
     from fusion_bench.utils.hydra_utils import get_default_config_path
 
     taskpool = pools.validation if split == "validation" else pools.taskpool
+    config_dir = Path(pools.config_dir or get_default_config_path()).resolve()
     GlobalHydra.instance().clear()
     try:
-        with initialize_config_dir(config_dir=str(get_default_config_path()), version_base=None):
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
             return hydra_compose("fabric_model_fusion", overrides=[
                 f"method={method}", f"modelpool={pools.modelpool}", f"taskpool={taskpool}", "print_config=false",
                 "print_function_call=false", "report_save_path=null", "fabric.loggers=null",
@@ -107,8 +110,8 @@ def compose(method: str, pools: Pools, overrides: Sequence[str] = (), split: str
                 f"path.log_dir={log_dir or Path.cwd()}", f"path.work_dir={Path.cwd()}", *overrides])
     except MissingConfigException as error:
         raise ValueError(f"{error}: name FusionBench configs that exist (modelpool={pools.modelpool}, "
-                         f"taskpool={taskpool}); list them with `fusion_bench --help`, or build the offline suite "
-                         "first (fusion-bench-tsv-build --num-tasks N)") from None
+                         f"taskpool={taskpool}, looked up from {config_dir}, FusionBench's and this package's "
+                         "configs)") from None
 
 
 def run_program(cfg, edit: Optional[Callable[[Any], None]] = None) -> Tuple[Dict[str, float], Any]:

@@ -52,6 +52,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--validation-taskpool", default=None, metavar="CONFIG",
                    help="the validation taskpool config that chooses α, or 'none' (default: TASKPOOL + '_val' when "
                         "that config exists)")
+    p.add_argument("--config-dir", type=Path, default=None, metavar="DIR",
+                   help="a config directory holding the pools' configs, as fusion_bench's --config-dir (default: "
+                        "./config if present, else FusionBench's and this package's configs)")
     p.add_argument("--methods", nargs="+", default=list(BASELINES), choices=BASELINES, metavar="ROW",
                    help=f"rows to run, of {', '.join(BASELINES)} (default: all)")
     p.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS), metavar="A",
@@ -71,6 +74,7 @@ def _pools(args) -> List[Pools]:
     from .baselines import compose
 
     templated = "{n}" in args.modelpool or "{n}" in args.taskpool
+    config_dir = str(args.config_dir) if args.config_dir is not None else None
     pools = []
     # the largest first: the smaller suites of the same tasks reuse its zero-shot and fine-tuned accuracies
     for n in (sorted(args.sizes or [8], reverse=True) if templated else [None]):
@@ -80,7 +84,7 @@ def _pools(args) -> List[Pools]:
         model, task = args.modelpool.format(**fill), args.taskpool.format(**fill)
         validation = args.validation_taskpool
         if validation is None:
-            candidate = Pools(model, task, f"{task}_val")
+            candidate = Pools(model, task, f"{task}_val", config_dir)
             try:
                 compose("dummy", candidate, split="validation")
                 validation = candidate.validation
@@ -90,7 +94,7 @@ def _pools(args) -> List[Pools]:
             validation = None
         else:
             validation = validation.format(**fill)
-        pools.append(Pools(model, task, validation))
+        pools.append(Pools(model, task, validation, config_dir))
     return pools
 
 

@@ -261,3 +261,51 @@ def test_the_command_is_a_console_script_of_the_package():
     scripts = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]["scripts"]
     module, _, function = scripts["fusion-bench-tsv-compare"].partition(":")
     assert getattr(importlib.import_module(module), function) is cli.main
+
+
+@pytest.mark.cli
+def test_baselines_on_a_local_pool_match_the_fusion_bench_cli(tiny_pool, tmp_path, capfd):
+    """The baselines mode end to end on the tiny local pool (2 evaluated tasks, no validation pool): each row
+    as FusionBench's CLI computes it, the normalized accuracy by the fine_tuned row, one progress line per row
+    and FusionBench's output only in the logs; then the CLI's run directory tabled beside the stored rows."""
+    from support import run_fusion_bench
+
+    pools = ["--config-dir", str(tiny_pool["config_dir"]), "--modelpool", f"CLIPVisionModelPool/{tiny_pool['name']}",
+             "--taskpool", f"CLIPVisionModelTaskPool/{tiny_pool['name']}"]
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as done:
+        cli.main([*pools, "--methods", "zero_shot", "fine_tuned", "simple_average", "tsv_merge", "--out", str(out)])
+    assert done.value.code == 0
+    terminal = capfd.readouterr().out
+    table = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    assert set(table) == {"zero_shot", "fine_tuned", "simple_average", "tsv_merge"}
+    progress = [line for line in terminal.splitlines() if line.startswith("[")]
+    assert len(progress) == 4 and all(line.endswith(" s") for line in progress), progress
+    assert "model_info" not in terminal and "model_info" in (out / "logs" / f"{tiny_pool['name']}_tsv_merge.log").read_text()
+    fine = {t: a / 100 for t, a in table["fine_tuned"]["per_task"].items()}
+    for row in table.values():
+        assert row["num_tasks"] == 2 and row["seconds"] >= 0
+        # the synthetic towers may score 0 on a task: then the ratio, and so the normalized accuracy, is undefined
+        assert row["normalized_accuracy"] == _mean_ratio(row["per_task"], fine)
+
+    run_dir = tmp_path / "cli_run"
+    proc = run_fusion_bench(["--config-dir", str(tiny_pool["config_dir"]), "method=simple_average",
+                             f"modelpool=CLIPVisionModelPool/{tiny_pool['name']}",
+                             f"taskpool=CLIPVisionModelTaskPool/{tiny_pool['name']}", f"path.log_dir={run_dir}"],
+                            cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with pytest.raises(SystemExit):
+        cli.main([str(run_dir), "--results", str(out / "comparison.json"), "--out", str(tmp_path / "table")])
+    shown = json.loads((tmp_path / "table" / "comparison.json").read_text())
+    run = next(r for r in shown if r["source"] == "cli_run")
+    # the same merge and evaluation, in-process and through the CLI: the same accuracies
+    assert run["method"] == "simple_average" and run["per_task"] == table["simple_average"]["per_task"]
+    assert run["normalized_accuracy"] == _mean_ratio(run["per_task"], fine)
+
+
+def _mean_ratio(per_task_percent: dict, fine: dict):
+    """:data:`rows.NORMALIZED` in float64 (100 · mean of accuracy / fine-tuned accuracy), as a pytest.approx to
+    1e-12 relative (a mean of a few ratios: a few float64 ulps); None where a fine-tuned accuracy is 0."""
+    if min(fine[t] for t in per_task_percent) == 0:
+        return None
+    return pytest.approx(float(100 * np.mean([a / 100 / fine[t] for t, a in per_task_percent.items()])), rel=1e-12)
