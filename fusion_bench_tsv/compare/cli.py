@@ -25,9 +25,10 @@ __all__ = ["main", "parser"]
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fusion-bench-tsv-compare", description=__doc__.split("\n\n")[0],
+    text = __doc__.replace("``", "")
+    p = argparse.ArgumentParser(prog="fusion-bench-tsv-compare", description=text.split("\n\n")[0].split(": ", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+                                epilog="\n\n".join(text.split("\n\n")[1:]))
     p.add_argument("runs", nargs="*", type=Path, metavar="RUN",
                    help="FusionBench run directories, their program_report.json, or directories holding runs "
                         "(default: none)")
