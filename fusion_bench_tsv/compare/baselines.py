@@ -217,17 +217,22 @@ class _Runner:
 def run_baselines(pools: Sequence[Pools], methods: Sequence[str], *, alphas: Sequence[float] = ALPHAS,
                   val_alpha: bool = True, log_dir: Path, known: Sequence[dict] = (),
                   say: Callable[[str], None] = lambda line: print(line, flush=True)) -> Tuple[List[dict], List[str]]:
-    """Compute the rows of :func:`plan` that ``known`` rows (of the same pool label or number of tasks) lack;
-    one progress line per row with its time; (the rows, the failures). A known ``fine_tuned`` row normalizes
-    the new rows of its number of tasks."""
+    """Compute the rows of :func:`plan` that ``known`` rows (of the same model pool, or number of tasks for rows
+    that do not record their pools) lack, one progress line per row with its time; (the rows, the failures).
+    A known ``fine_tuned`` row normalizes the new rows of its pool."""
     sizes = {}
     for p in pools:  # every config name is checked before the first row runs
-        sizes[p.label] = len(compose("dummy", p, log_dir=log_dir).taskpool.test_datasets)
+        sizes[p] = len(compose("dummy", p, log_dir=log_dir).taskpool.test_datasets)
         if p.validation:
             compose("dummy", p, split="validation", log_dir=log_dir)
-    have = {(label, r["method"]) for r in known for label, n in sizes.items() if r["num_tasks"] == n}
-    fine = {label: {t: a / 100 for t, a in r["per_task"].items()}
-            for r in known if r["method"] == "fine_tuned" for label, n in sizes.items() if r["num_tasks"] == n}
+
+    def same(row: dict, p: Pools) -> bool:
+        """Whether a known row is of pool ``p``: by its recorded model pool, else by its number of tasks."""
+        return row["pools"][0] == p.modelpool if row.get("pools") else row["num_tasks"] == sizes[p]
+
+    have = {(p.label, r["method"]) for r in known for p in pools if same(r, p)}
+    fine = {p.label: {t: a / 100 for t, a in r["per_task"].items()}
+            for r in known if r["method"] == "fine_tuned" for p in pools if same(r, p)}
     todo = plan(pools, methods, val_alpha, known=sorted(have))
     runner = _Runner(alphas, log_dir, fine)
     say(f"{len(todo)} rows to run ({len(have)} already in the given results); each row's output goes to "

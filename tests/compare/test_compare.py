@@ -195,7 +195,8 @@ def test_baselines_print_one_line_per_row_and_skip_known_rows(tmp_path, monkeypa
         return rows.make_row(name, tasks, self.fine_tuned.get(pools.label))
 
     monkeypatch.setattr(baselines._Runner, "row", row)
-    known = [rows.make_row("fine_tuned", tasks, tasks)]
+    other_suite = ["CLIPVisionModelPool/small_clip_8", "CLIPVisionModelTaskPool/small_clip_8"]
+    known = [rows.make_row("fine_tuned", tasks, tasks), rows.make_row("task_arithmetic", tasks, pools=other_suite)]
     said = []
     new, failures = baselines.run_baselines(pools, ["zero_shot", "fine_tuned", "simple_average", "task_arithmetic"],
                                             log_dir=tmp_path, known=known, say=said.append)
