@@ -147,12 +147,14 @@ def _tasks(cfg) -> Dict[str, Tuple[str, Optional[str]]]:
 def plan(pools: Sequence[Pools], methods: Sequence[str], val_alpha: bool,
          known: Sequence[Tuple[str, str]] = ()) -> List[Tuple[Pools, str]]:
     """The rows to compute, in order: per pool, zero-shot, fine-tuned, then each method and its ``_val_alpha``
-    row (methods with a scaling option, when the pool has a validation task pool); ``known`` (pool label,
-    row) pairs are left out."""
+    row (methods with a scaling option, when the pool has a validation task pool; ``tsv_merge_alpha_grid``
+    too needs one); ``known`` (pool label, row) pairs are left out."""
     rows = []
     first = [m for m in methods if m == "fine_tuned"]  # it normalizes the rows after it
     for p in pools:
         for name in [*first, *(m for m in methods if m != "fine_tuned")]:
+            if name == "tsv_merge_alpha_grid" and not p.validation:
+                continue
             rows.append((p, name))
             if val_alpha and p.validation and name in METHODS and METHODS[name][1] is not None:
                 rows.append((p, f"{name}_val_alpha"))
@@ -237,6 +239,9 @@ def run_baselines(pools: Sequence[Pools], methods: Sequence[str], *, alphas: Seq
     runner = _Runner(alphas, log_dir, fine)
     say(f"{len(todo)} rows to run ({len(have)} already in the given results); each row's output goes to "
         f"{log_dir}/<pool>_<row>.log")
+    for p in pools:
+        if not p.validation:
+            say(f"{p.label}: no validation task pool (--validation-taskpool): no rows with α chosen on validation")
     rows, failures = [], []
     for i, (p, name) in enumerate(todo, 1):
         log_file = log_dir / f"{p.label}_{name}.log"

@@ -275,11 +275,13 @@ def test_baselines_on_a_local_pool_match_the_fusion_bench_cli(tiny_pool, tmp_pat
              "--taskpool", f"CLIPVisionModelTaskPool/{tiny_pool['name']}"]
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as done:
-        cli.main([*pools, "--methods", "zero_shot", "fine_tuned", "simple_average", "tsv_merge", "--out", str(out)])
+        cli.main([*pools, "--methods", "zero_shot", "fine_tuned", "simple_average", "tsv_merge", "tsv_merge_alpha_grid",
+                  "--out", str(out)])
     assert done.value.code == 0
     terminal = capfd.readouterr().out
     table = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
-    assert set(table) == {"zero_shot", "fine_tuned", "simple_average", "tsv_merge"}
+    assert set(table) == {"zero_shot", "fine_tuned", "simple_average", "tsv_merge"}  # no validation pool: no grid
+    assert "no validation task pool" in terminal
     progress = [line for line in terminal.splitlines() if line.startswith("[")]
     assert len(progress) == 4 and all(line.endswith(" s") for line in progress), progress
     assert "model_info" not in terminal and "model_info" in (out / "logs" / f"{tiny_pool['name']}_tsv_merge.log").read_text()
