@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's demo: install into ./.venv (.ci/install, as .ci/run does), build or reuse the offline 8-task
 # tiny-CLIP benchmark, merge it with TSV-M through the fusion_bench CLI, evaluate it, and print the result beside
-# FusionBench's baselines measured on the same benchmark (benchmarks/results/tiny_clip.json).
+# FusionBench's baselines measured on the same benchmark (benchmarks/results/tiny_clip.json) with
+# fusion-bench-tsv-compare.
 # The build goes to $FUSION_BENCH_TSV_DATA/tiny_clip (default ~/.cache/fusion_bench_tsv/tiny_clip).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -22,6 +23,7 @@ mkdir -p "$out"
     modelpool=CLIPVisionModelPool/tiny_clip_8 taskpool=CLIPVisionModelTaskPool/tiny_clip_8 \
     path.log_dir="$out" report_save_path="$out/program_report.json" print_config=false)
 
-echo "== 3/3 TSV-M beside the baselines (8 tasks; acc = average test accuracy %, norm. = acc / fine-tuned acc %)"
-python benchmarks/compare_baselines.py --show 8 --report "$out/program_report.json" --build "$suite/build.json"
-echo "this run's results: $out (program_report.json, FusionBench's config and log)"
+echo "== 3/3 TSV-M beside the baselines (8 tasks; the stored table's rows, this build's and this run's)"
+fusion-bench-tsv-compare "$out" --results benchmarks/results/tiny_clip.json --fine-tuned "$suite/build.json" \
+    --out "$out/compare" --title "TSV-M (this run) beside the stored baselines, 8 tasks"
+echo "this run's results: $out (program_report.json, FusionBench's config and log; the comparison in compare/)"

@@ -101,3 +101,6 @@ def test_editable_install_composes_tsv_configs_from_any_directory(tmp_path):
     where = subprocess.run([str(python), "-c", "import fusion_bench_tsv; print(fusion_bench_tsv.__file__)"],
                            cwd=elsewhere, capture_output=True, text=True, env=env, timeout=120)
     assert Path(where.stdout.strip()).resolve().parent == REPO_ROOT / "fusion_bench_tsv", where.stdout + where.stderr
+    compare = subprocess.run([str(venv / "bin" / "fusion-bench-tsv-compare"), "--help"], cwd=elsewhere,
+                             capture_output=True, text=True, env=env, timeout=120)
+    assert compare.returncode == 0 and "--suite" in compare.stdout, compare.stdout + compare.stderr

@@ -197,26 +197,3 @@ def test_build_help_explains_every_setting(capsys):
     for action in _parser()._actions:
         if not isinstance(action, argparse._HelpAction):
             assert action.help and "default" in action.help, action.option_strings
-
-
-def test_demo_normalizes_by_the_evaluated_build(tmp_path):
-    """The demo's rows for a fresh run are normalized by the fine-tuned accuracies of the build it evaluated
-    (its build.json), not by the stored table's."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("compare_baselines", REPO_ROOT / "benchmarks" / "compare_baselines.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    build = tmp_path / "build.json"
-    build.write_text(json.dumps({"tasks": {"a": {"zero_shot_test": 0.2, "fine_tuned_test": 0.8},
-                                           "b": {"zero_shot_test": 0.5, "fine_tuned_test": 0.5}}}))
-    report = tmp_path / "program_report.json"
-    report.write_text(json.dumps({"a": {"accuracy": 0.4}, "b": {"accuracy": 0.5}, "average": {"accuracy": 0.45}}))
-    zero, fine, run = module.this_build_rows(report, build, 2, "this run")
-    # sums of two float terms: pytest.approx's relative 1e-6 is far above their round-off (~1e-16)
-    assert (run["avg_accuracy"], run["normalized_accuracy"]) == pytest.approx((45.0, 100 * (0.4 / 0.8 + 0.5 / 0.5) / 2))
-    assert (fine["avg_accuracy"], fine["normalized_accuracy"]) == pytest.approx((65.0, 100.0))
-    assert zero["avg_accuracy"] == pytest.approx(35.0)
-    build.write_text(json.dumps({"tasks": {"a": {"zero_shot_test": 0.2, "fine_tuned_test": 0.8}}}))
-    with pytest.raises(SystemExit, match=r"no accuracies for \['b'\]"):
-        module.this_build_rows(report, build, 2, "this run")
