@@ -29,6 +29,7 @@ __all__ = [
     "local_checkpoint",
     "materialize",
     "offline_benchmark_hint",
+    "pool_input_paths",
 ]
 
 
@@ -103,6 +104,17 @@ def check_pool_entries(modelpool) -> None:
                     f"model '{name}': local path {path} does not exist{hint}; otherwise fix the modelpool entry "
                     f"(modelpool.models.{name}=<checkpoint directory or hub id>)"
                 )
+
+
+def pool_input_paths(modelpool) -> List[str]:
+    """The local paths a run reads: every model entry's path (a string, or a config's
+    ``pretrained_model_name_or_path``/``path``) and the pool's ``tokenizer``/``processor`` when they are
+    paths, those that exist (hub ids are left out)."""
+    models = getattr(modelpool, "_models", None) or {}
+    entries = [models[name] for name in (models.keys() if hasattr(models, "keys") else [])]
+    entries += [getattr(modelpool, attr, None) for attr in ("tokenizer", "_processor", "processor")]
+    paths = [path for entry in entries for path in _entry_paths(entry)]
+    return sorted({path for path in paths if looks_like_local_path(path) and os.path.exists(path)})
 
 
 def offline_benchmark_hint(path: str, num_tasks: int) -> str:
