@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from ..functional import compute_dtype
 from ..io.keys import state_dict_of
+from ..io.modelpool import check_taskpool_paths
 from ..io.outputs import output_dir, write_output_dir
 from ..runtime.merge_job import ParameterMerge, add_scaled
 from ..runtime.timing import timed
@@ -140,6 +141,7 @@ def load_taskpool(spec: Any, fabric) -> Any:
 
     if isinstance(spec, str):
         spec = _compose_taskpool(spec)
+    check_taskpool_paths(spec, "TSVMergeAlgorithm: option 'validation_taskpool'")
     if isinstance(spec, Mapping):
         config = spec if isinstance(spec, DictConfig) else OmegaConf.create(dict(spec))
         taskpool = instantiate(config, _recursive_=config.get("_recursive_", False))

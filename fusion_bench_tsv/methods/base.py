@@ -29,7 +29,8 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from ..functional import compute_dtype, layer_rank, rank_options, weight_rms
 from ..io.atomic import write_atomic
 from ..io.keys import check_finite, split_keys, state_dict_of
-from ..io.modelpool import as_modelpool, finetuned_model_names, load_pretrained_model, pool_input_paths
+from ..io.modelpool import (as_modelpool, check_taskpool_paths, finetuned_model_names, load_pretrained_model,
+                            pool_input_paths)
 from ..io.outputs import output_dir
 from ..io.streaming import stored_dtype
 
@@ -65,6 +66,7 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     method_name: ClassVar[str] = "TSV"  # names the method in logs and errors
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
     default_save_path: ClassVar[Optional[str]] = None  # where outputs go without ``save_path``
+    evaluated: ClassVar[bool] = True  # whether the program's task pool evaluates what ``run`` returns
 
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
@@ -72,8 +74,13 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
 
     def coerce_pool(self, modelpool: Union[BaseModelPool, Mapping[str, nn.Module]]) -> BaseModelPool:
         """``modelpool`` as a checked FusionBench pool (:func:`~fusion_bench_tsv.io.modelpool.as_modelpool`);
-        its local paths are the inputs :meth:`output_path` never replaces."""
+        its local paths are the inputs :meth:`output_path` never replaces. The program's task pool, when the
+        method's result is evaluated, is checked for local paths that do not exist (an unbuilt offline
+        benchmark) before anything is computed."""
         modelpool = as_modelpool(modelpool, self.method_name)
+        taskpool = getattr(getattr(self, "_program", None), "taskpool", None)
+        if taskpool is not None and self.evaluated:
+            check_taskpool_paths(taskpool, f"{self.method_name}: the program's taskpool")
         self._inputs, self._output = pool_input_paths(modelpool), None
         return modelpool
 
