@@ -123,7 +123,7 @@ def _marker_files(marker: Mapping) -> Optional[Dict[str, Mapping]]:
 
 def _foreign_in_listed_dirs(root: Path, files: Iterable[str]) -> List[str]:
     """Entries of the directories the marker's ``files`` lie in that the marker does not list (stopping after
-    :data:`_LISTED`), or the listed directories that are not plain directories."""
+    :data:`_LISTED`, then ``"..."``), or the listed directories that are not plain directories."""
     children: Dict[str, set] = {"": {MARKER}}
     for name in files:
         parts = name.split("/")
@@ -139,9 +139,10 @@ def _foreign_in_listed_dirs(root: Path, files: Iterable[str]) -> List[str]:
         with os.scandir(where) as it:
             for entry in it:
                 if entry.name not in names:
-                    foreign.append(f"{rel}/{entry.name}" if rel else entry.name)
+                    name = (f"{rel}/{entry.name}" if rel else entry.name) + ("/" if entry.is_dir(follow_symlinks=False) else "")
+                    foreign.append(name)
                     if len(foreign) >= _LISTED:
-                        return foreign
+                        return foreign + ["..."]
     return foreign
 
 
