@@ -279,7 +279,7 @@ def save_compressed(
 
     The directory is written under a temporary name in its parent and moved into place
     (:func:`~fusion_bench_tsv.io.outputs.write_output_dir`); an existing directory there is replaced only
-    when it is empty or was written by this package, anything else is a ``FileExistsError``.
+    when it is empty or an unchanged TSV-C output, anything else is a ``FileExistsError``.
     """
     from safetensors.torch import save_file
 
