@@ -546,10 +546,10 @@ def load_compressed_task(
                 f"{path}: task '{task}': tensor '{prefix}{name}' is {found['dtype']} {found['shape']}, "
                 f"{MANIFEST_FILE} describes {dtype} {shape}: the checkpoint is inconsistent; write it again"
             )
-    raw = _read_verified(path, manifest, data_start, {name: header[prefix + name] for name in expected})
+    raw = _read_verified(path, manifest, data_start, {prefix + name: header[prefix + name] for name in expected})
     tensors: Dict[str, Tensor] = {}
     for name, (shape, dtype) in expected.items():
-        data = raw.pop(name)
+        data = raw.pop(prefix + name)
         tensors[name] = (torch.frombuffer(data, dtype=_torch_dtype(dtype)) if data else
                          torch.empty(0, dtype=_torch_dtype(dtype))).reshape(shape)
     if task_digest(task, tensors) != entry["sha256"]:
@@ -574,7 +574,8 @@ def load_compressed_task(
 
 
 def verify_checkpoint(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Verify a whole checkpoint (manifest, tensor file, every task's tensors) and return its manifest."""
+    """Verify a whole checkpoint (manifest, tensor file, every task's tensors) and return its manifest; the
+    tensor file is read once per task (one task's tensors in memory at a time)."""
     manifest = read_manifest(directory)
     for entry in manifest["tasks"]:
         load_compressed_task(directory, entry["name"], manifest)

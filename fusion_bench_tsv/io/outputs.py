@@ -175,7 +175,13 @@ def _shown(entries: Sequence[str]) -> str:
 def replace_refusal(path: Union[str, os.PathLike], owner: str) -> Optional[str]:
     """Why the existing ``path`` may not be replaced by an output of method ``owner``, or None when it may
     (nothing there, an empty directory, or ``owner``'s unchanged output written to ``path``)."""
-    path = Path(path)
+    try:
+        return _replace_refusal(Path(path), owner)
+    except OSError as e:  # e.g. a directory this user may not read: nothing is known to be replaceable
+        return f"cannot be read ({e.strerror or e})"
+
+
+def _replace_refusal(path: Path, owner: str) -> Optional[str]:
     if not os.path.lexists(path):
         return None
     if not path.is_dir() or path.is_symlink():
@@ -194,6 +200,9 @@ def replace_refusal(path: Union[str, os.PathLike], owner: str) -> Optional[str]:
                 "its files were edited cannot be told")
     if marker.get("path") != str(path):
         return f"is an output written to {marker.get('path')}, then moved or copied here"
+    outside = [name for name in files if name.startswith("/") or any(p in ("", ".", "..") for p in name.split("/"))]
+    if outside:
+        return f"holds a marker naming files that are not plain paths inside it ({_shown(outside)})"
     foreign = _foreign_in_listed_dirs(path, files)
     if foreign:
         return f"is a directory holding files {owner} did not write ({_shown(foreign)})"

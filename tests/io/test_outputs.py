@@ -113,6 +113,22 @@ def test_files_edited_after_we_wrote_them_are_never_replaced(tmp_path, edit):
     assert snapshot(target) == before and no_fine_tuned_loaded(pool)
 
 
+@pytest.mark.parametrize("method, name", [("TSV-M", "config.json"), ("TSV-C", "manifest.json"), ("STI", "sti.csv")])
+def test_each_methods_edited_file_protects_its_output(method, name, tmp_path):
+    """One character changed, size and mtime put back: the SHA-256 in the marker tells."""
+    target = tmp_path / "out"
+    CLASSES[method](**QUIET[method], save_path=str(target)).run(make_pool())
+    edited = target / name
+    st, data = edited.stat(), bytearray(edited.read_bytes())
+    data[len(data) // 2] = ord("x") if data[len(data) // 2] != ord("x") else ord("y")
+    edited.write_bytes(bytes(data))
+    os.utime(edited, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(OutputRefusedError, match=rf"holds files changed since {method} wrote them \({name} "
+                                                 r"\(content changed\)\)"):
+        CLASSES[method](**QUIET[method], save_path=str(target)).run(make_pool())
+    assert edited.read_bytes() == bytes(data)
+
+
 @pytest.mark.parametrize("method", CLASSES)
 def test_each_methods_unchanged_output_is_replaced(method, tmp_path):
     target = tmp_path / "out"
@@ -146,6 +162,11 @@ def test_planted_copied_or_old_markers_protect_nothing(tmp_path):
     with pytest.raises(OutputRefusedError, match=r"records no content digests"):
         merge(target)
     assert (mine / "config.json").read_text() == "my own config"
+    (tmp_path / "big").write_text("x" * 100)
+    (mine / MARKER).write_text(json.dumps({**marker, "path": str(mine),
+                                           "files": {"../big": {"bytes": 100, "sha256": "0" * 64}}}))
+    with pytest.raises(OutputRefusedError, match=r"marker naming files that are not plain paths inside it \(\.\./big\)"):
+        merge(mine)
 
 
 @pytest.mark.parametrize("where", [".", "..", "/"])
