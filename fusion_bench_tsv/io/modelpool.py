@@ -147,9 +147,9 @@ def _config_paths(config) -> Iterator[str]:
 
 def check_taskpool_paths(taskpool, what: str) -> None:
     """Raise a ``FileNotFoundError`` naming ``what`` for the first local path of a task pool (a config, or a
-    FusionBench ``CLIPVisionModelTaskPool`` before its setup) that does not exist, with the
-    ``fusion-bench-tsv-build`` command when it lies in the offline benchmark (:func:`offline_benchmark_hint`),
-    instead of transformers' hub message when the pool is set up."""
+    FusionBench ``CLIPVisionModelTaskPool`` before its setup) that does not exist, with the offline benchmark's
+    build command when it lies there (:func:`offline_benchmark_hint`), instead of transformers' hub message
+    when the pool is set up."""
     if not isinstance(taskpool, Mapping) and hasattr(taskpool, "_test_datasets"):
         taskpool = {"clip_model": getattr(taskpool, "_clip_model", None), "processor": getattr(taskpool, "_processor", None),
                     "test_datasets": taskpool._test_datasets}

@@ -65,8 +65,8 @@ def _available_val_configs() -> List[str]:
 
 
 def _suggested_val_pool() -> str:
-    """The ``_val`` task pool matching the run's ``taskpool=`` (or ``modelpool=``) choice of the CLI, e.g.
-    ``CLIPVisionModelTaskPool/tiny_clip_8_val`` for the offline benchmark; FusionBench's TA8 one otherwise."""
+    """The ``_val`` task pool config named like the run's ``taskpool=`` (or ``modelpool=``) choice of the CLI,
+    when there is one (an offline pool's own validation pool); FusionBench's TA8 one otherwise."""
     fallback = "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
     try:
         from hydra.core.hydra_config import HydraConfig
