@@ -284,7 +284,7 @@ def save_compressed(
     from safetensors.torch import save_file
 
     _check_tasks(tasks)
-    directory = output_dir(str(directory), None, "tsv_c", "TSV-C")
+    directory = output_dir(str(directory), None, "tsv_c", "TSV-C", record=False)  # TSV-C's run checked it first
     first = tasks[0]
 
     tensors: Dict[str, Tensor] = {}

@@ -269,13 +269,16 @@ def output_dir(
     owner: str,
     option: str = "save_path",
     inputs: Sequence[Union[str, os.PathLike]] = (),
+    record: bool = True,
 ) -> Path:
     """The directory ``save_path`` names, checked against the rule of the module's docstring.
 
     ``{log_dir}`` is the run's log directory; the log directory itself (given either way) means
     ``<log_dir>/<default_name>``. ``~`` is expanded (:func:`os.path.expanduser`); symbolic links are followed
     (the link stays). ``inputs`` are the run's input paths (:func:`~.modelpool.pool_input_paths`): the target
-    may be none of them, inside none and hold none. Raises :class:`OutputRefusedError` (a ``FileExistsError``)
+    may be none of them, inside none and hold none. With ``record``, what is there now is what
+    :func:`write_output_dir` compares with before replacing it (a second check within one run passes False).
+    Raises :class:`OutputRefusedError` (a ``FileExistsError``)
     naming the option, the path and the reason, ``ValueError`` for a literal ``~``, ``PermissionError`` or
     ``NotADirectoryError`` when the target's parent cannot be written.
     """
@@ -302,7 +305,8 @@ def output_dir(
     if reason is not None:
         refuse(reason)
     _check_parent(path, owner, option, save_path)
-    _CHECKED[str(path)] = _state(path)
+    if record:
+        _CHECKED[str(path)] = _state(path)
     return path
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from fusion_bench_tsv import STIAnalysis, TSVMergeAlgorithm
+from fusion_bench_tsv import STIAnalysis, TSVCompressAlgorithm, TSVMergeAlgorithm
 from fusion_bench_tsv.io import outputs
 from fusion_bench_tsv.io.outputs import MARKER, OutputRefusedError, output_dir, write_output_dir
-from fusion_bench_tsv.methods import tsv_merge
+from fusion_bench_tsv.methods import sti, tsv_merge
 
 from methods.test_options import CLASSES, QUIET, make_pool, snapshot
 from support import REPO_ROOT
@@ -336,40 +336,46 @@ OTHER_RUN = """
 import sys
 from pathlib import Path
 from fusion_bench_tsv.io.outputs import write_output_dir
-write_output_dir(sys.argv[1], lambda tmp: (Path(tmp) / "config.json").write_text("the other run's"), "TSV-M")
+write_output_dir(sys.argv[1], lambda tmp: (Path(tmp) / "notes.json").write_text("the other run's"), sys.argv[2])
 """
+DURING = {"TSV-M": (tsv_merge, "merge_parameters"), "TSV-C": (TSVCompressAlgorithm, "compress"),
+          "STI": (sti, "summarize")}  # something each method calls between its check and its write
 
 
-def test_concurrent_run_that_finishes_first_is_never_silently_replaced(tmp_path, monkeypatch):
-    """Another process writes the same save_path while this run merges: this run refuses to replace it, names
+def other_run(target: Path, method: str) -> dict:
+    """Another process writes ``method``'s output to ``target``; the run record of its marker."""
+    subprocess.run([sys.executable, "-c", OTHER_RUN, str(target), method], check=True,
+                   env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    return json.loads((target / MARKER).read_text())["run"]
+
+
+@pytest.mark.parametrize("method", CLASSES)
+def test_concurrent_run_that_finishes_first_is_never_silently_replaced(method, tmp_path, monkeypatch):
+    """Another process writes the same save_path while this run computes: this run refuses to replace it, names
     the other run, and keeps its own output beside it."""
     target = tmp_path / "out"
-    real = tsv_merge.merge_parameters
-    other = {}
+    owner, name = DURING[method]
+    real, other = getattr(owner, name), {}
 
     def other_run_finishes_meanwhile(*args, **kwargs):
-        proc = subprocess.run([sys.executable, "-c", OTHER_RUN, str(target)], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-        assert proc.returncode == 0, proc.stderr
-        other.update(json.loads((target / MARKER).read_text())["run"])
+        other.update(other_run(target, method))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tsv_merge, "merge_parameters", other_run_finishes_meanwhile)
+    monkeypatch.setattr(owner, name, other_run_finishes_meanwhile)
     with pytest.raises(OutputRefusedError) as info:
-        merge(target)
+        CLASSES[method](**QUIET[method], save_path=str(target)).run(make_pool())
     message = str(info.value)
-    assert f"{target} was written by another run, TSV-M run {other['id'][:8]} (pid {other['pid']}" in message, message
+    assert f"{target} was written by another run, {method} run {other['id'][:8]} (pid {other['pid']}" in message
     kept = target.with_name(f"out.run-{outputs._RUN_ID[:8]}")
     assert f"this run's output is at {kept}" in message
-    assert (target / "config.json").read_text() == "the other run's"
-    assert json.loads((kept / MARKER).read_text())["method"] == "TSV-M" and (kept / "model.safetensors").is_file()
+    assert (target / "notes.json").read_text() == "the other run's"
+    assert json.loads((kept / MARKER).read_text())["method"] == method
 
 
 def test_sequential_runs_replace_their_own_output(tmp_path):
     """No false alarm: runs one after the other (same process or not) replace the unchanged output."""
     target = tmp_path / "out"
-    subprocess.run([sys.executable, "-c", OTHER_RUN, str(target)], check=True,
-                   env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    other_run(target, "TSV-M")
     merge(target)
     merge(target)
     assert (target / "model.safetensors").is_file()
