@@ -12,7 +12,7 @@ symbolic links followed; the run's log directory itself becomes a subdirectory o
 or can be created and is writable. The check reads the marker, lists only the directories the marker names
 (stopping at the first entries it does not list) and hashes the files it lists: its time is proportional to
 the output, never to the tree at ``save_path``; a directory without a marker is refused after reading at
-most :data:`_LISTED` of its entries. :func:`write_output_dir` applies the rule again right before the
+most :data:`_SCAN_BUDGET` of its entries. :func:`write_output_dir` applies the rule again right before the
 replacing rename, and refuses when another run wrote the target since this run checked it (its output is
 then kept beside the target, and the error names the other run).
 """
@@ -87,10 +87,10 @@ def _who(marker: Mapping) -> str:
 
 
 def _some_entries(root: Path) -> List[str]:
-    """Up to :data:`_LISTED` files or empty directories under ``root`` (relative), reading at most
-    :data:`_SCAN_BUDGET` entries; ``"..."`` last when there may be more."""
-    found, budget, stack = [], _SCAN_BUDGET, [Path(".")]
-    while stack and len(found) < _LISTED and budget > 0:
+    """Up to :data:`_LISTED` + 1 files or empty directories under ``root`` (relative), reading at most
+    :data:`_SCAN_BUDGET` entries; ``"..."`` last when directories were left unread."""
+    found, budget, stack, stopped = [], _SCAN_BUDGET, [Path(".")], False
+    while stack and not stopped:
         rel = stack.pop()
         try:
             with os.scandir(root / rel) as it:
@@ -101,7 +101,8 @@ def _some_entries(root: Path) -> List[str]:
                         stack.append(rel / entry.name)
                     else:
                         found.append((rel / entry.name).as_posix())
-                    if len(found) >= _LISTED or budget <= 0:
+                    stopped = len(found) > _LISTED or budget <= 0
+                    if stopped:
                         break
         except OSError:
             found.append(rel.as_posix() + "/")
@@ -123,7 +124,7 @@ def _marker_files(marker: Mapping) -> Optional[Dict[str, Mapping]]:
 
 def _foreign_in_listed_dirs(root: Path, files: Iterable[str]) -> List[str]:
     """Entries of the directories the marker's ``files`` lie in that the marker does not list (stopping after
-    :data:`_LISTED`, then ``"..."``), or the listed directories that are not plain directories."""
+    :data:`_LISTED` + 1), or the listed directories that are not plain directories."""
     children: Dict[str, set] = {"": {MARKER}}
     for name in files:
         parts = name.split("/")
@@ -134,6 +135,8 @@ def _foreign_in_listed_dirs(root: Path, files: Iterable[str]) -> List[str]:
     foreign: List[str] = []
     for rel, names in children.items():
         where = root / rel if rel else root
+        if rel and not os.path.lexists(where):
+            continue  # its files are reported missing by _changed_files
         if rel and (not where.is_dir() or where.is_symlink()):
             return [rel + "/"]
         with os.scandir(where) as it:
@@ -141,8 +144,8 @@ def _foreign_in_listed_dirs(root: Path, files: Iterable[str]) -> List[str]:
                 if entry.name not in names:
                     name = (f"{rel}/{entry.name}" if rel else entry.name) + ("/" if entry.is_dir(follow_symlinks=False) else "")
                     foreign.append(name)
-                    if len(foreign) >= _LISTED:
-                        return foreign + ["..."]
+                    if len(foreign) > _LISTED:
+                        return foreign
     return foreign
 
 
