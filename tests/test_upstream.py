@@ -69,6 +69,29 @@ def test_generated_pull_request_is_up_to_date(outputs):
     assert not stale, "upstream/ is out of date with the package: run `python upstream/generate.py`; differs: " + ", ".join(stale)
 
 
+def test_patch_generated_before_a_package_edit_is_reported_stale(sdist, tmp_path):
+    """The staleness check itself, on a copy of the repository (the real tree is never written): generate the
+    patch there, ``--check`` passes; edit a contributed module; ``--check`` fails naming tsv.patch."""
+    copy = tmp_path / "repo"
+    listed = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, check=True).stdout
+    for name in filter(None, listed.decode().split("\0")):
+        if (REPO_ROOT / name).is_file():
+            (copy / name).parent.mkdir(parents=True, exist_ok=True)
+            (copy / name).write_bytes((REPO_ROOT / name).read_bytes())
+    script = [sys.executable, copy / "upstream" / "generate.py", "--cache-dir", sdist.parent]
+    real_patch = (UPSTREAM / "tsv.patch").read_bytes()
+    _run(script, tmp_path, "generating the patch in the copy")
+    assert "up to date" in _run([*script, "--check"], tmp_path, "checking the fresh patch").stdout
+    module = copy / "fusion_bench_tsv" / "functional" / "merge.py"
+    module.write_text(module.read_text() + "\n# an edit made after the patch was generated\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    proc = subprocess.run([str(c) for c in [*script, "--check"]], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "out of date" in proc.stderr and "tsv.patch" in proc.stderr, proc.stderr
+    assert (UPSTREAM / "tsv.patch").read_bytes() == real_patch, "the real upstream/ was written"
+
+
 def test_placement_table_rejects_an_unplaced_module(monkeypatch):
     monkeypatch.delitem(generate.PLACEMENT, "fusion_bench_tsv/compat.py")
     with pytest.raises(generate.GenerationError, match=r"fusion_bench_tsv/compat\.py is not placed"):

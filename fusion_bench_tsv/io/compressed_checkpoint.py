@@ -17,7 +17,9 @@ changed bit), is refused with an error naming the file and the task or parameter
 
 Task ``i``'s model is ``θ₀ + U diag(S) Vhᵀ`` on the compressed matrices and the stored values elsewhere
 (:func:`apply_compressed`). :func:`load_task_model` rebuilds one task from the base model and the
-directory, reading only that task's tensors (``safetensors.safe_open``). Writes are atomic and durable
+directory, keeping only that task's tensors: the tensor file is read once per load, hashed in the same pass
+that copies out the task's bytes (what is returned is what was verified), and every tensor read is checked
+finite (a NaN or Inf factor is refused even when the checksums match). Writes are atomic and durable
 (:func:`~fusion_bench_tsv.io.atomic.write_dir_atomic`).
 """
 
@@ -37,7 +39,7 @@ from torch import Tensor, nn
 from .outputs import output_dir, write_output_dir
 from ..functional import SVDFactors, compute_dtype, factor_numel, reconstruct
 from .paths import confined_path
-from .safetensors_state import SAFETENSORS_DTYPES, CheckpointError, read_safetensors_header
+from .safetensors_state import SAFETENSORS_DTYPES, CheckpointError, check_tensor_finite, read_safetensors_header
 
 _SAFETENSORS_NAME = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -277,12 +279,12 @@ def save_compressed(
 
     The directory is written under a temporary name in its parent and moved into place
     (:func:`~fusion_bench_tsv.io.outputs.write_output_dir`); an existing directory there is replaced only
-    when it is empty or was written by this package, anything else is a ``FileExistsError``.
+    when it is empty or an unchanged TSV-C output, anything else is a ``FileExistsError``.
     """
     from safetensors.torch import save_file
 
     _check_tasks(tasks)
-    directory = output_dir(str(directory), None, "tsv_c", "TSV-C")
+    directory = output_dir(str(directory), None, "tsv_c", "TSV-C", record=False)  # TSV-C's run checked it first
     first = tasks[0]
 
     tensors: Dict[str, Tensor] = {}
@@ -474,32 +476,31 @@ def _task_entry(manifest: Mapping[str, Any], task: str) -> Tuple[int, Mapping[st
     raise KeyError(f"task '{task}' is not in the compressed checkpoint; it has {[t['name'] for t in manifest['tasks']]}")
 
 
-_VERIFIED_FILES: Dict[Tuple[str, int, int, int], str] = {}
-"""SHA-256 of tensor files verified in this process, by (path, size, mtime, inode): each file is hashed once."""
-
-
-def _verified_tensor_file(directory: Path, manifest: Mapping[str, Any]) -> Path:
-    """The tensor file, after checking its size and SHA-256 against the manifest."""
-    name = manifest["tensor_file"]
-    path = confined_path(directory, name, f"{directory / MANIFEST_FILE}: 'tensor_file'")
-    expected = manifest["files"][name]
-    if not path.is_file():
-        raise CheckpointError(f"{path}: the tensor file named in {directory / MANIFEST_FILE} does not exist")
-    st = path.stat()
-    if st.st_size != expected["bytes"]:
+def _read_verified(path: Path, manifest: Mapping[str, Any], data_start: int,
+                   wanted: Mapping[str, Mapping[str, Any]]) -> Dict[str, bytearray]:
+    """The bytes of the tensors ``wanted`` (``{name: header entry}``), read in the same pass that hashes the
+    whole file against the manifest's SHA-256: what is returned is what was verified, whatever happens to the
+    file before or after (no cache by size or modification time: an edit that restores both is still seen)."""
+    expected = manifest["files"][manifest["tensor_file"]]
+    ranges = sorted((data_start + e["data_offsets"][0], data_start + e["data_offsets"][1], name)
+                    for name, e in wanted.items())
+    out = {name: bytearray(stop - begin) for begin, stop, name in ranges}
+    h, position = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+            end = position + len(chunk)
+            for begin, stop, name in ranges:
+                if begin < end and stop > position:  # the part of this tensor inside the chunk
+                    lo, hi = max(begin, position), min(stop, end)
+                    out[name][lo - begin:hi - begin] = chunk[lo - position:hi - position]
+            position = end
+    if position != expected["bytes"] or h.hexdigest() != expected["sha256"]:
         raise CheckpointError(
-            f"{path} has {st.st_size} bytes, {MANIFEST_FILE} records {expected['bytes']}: the file is truncated or "
-            "was replaced; write the checkpoint again"
+            f"{path}: its SHA-256 differs from the one in {MANIFEST_FILE}: the file is damaged or is not this "
+            "checkpoint's; write the checkpoint again"
         )
-    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if _VERIFIED_FILES.get(key) != expected["sha256"]:
-        if _file_digest(path) != expected["sha256"]:
-            raise CheckpointError(
-                f"{path}: its SHA-256 differs from the one in {MANIFEST_FILE}: the file is damaged or is not this "
-                "checkpoint's; write the checkpoint again"
-            )
-        _VERIFIED_FILES[key] = expected["sha256"]
-    return path
+    return out
 
 
 def _expected_tensors(manifest: Mapping[str, Any], index: int) -> Dict[str, Tuple[List[int], str]]:
@@ -518,15 +519,22 @@ def load_compressed_task(
     directory: Union[str, os.PathLike], task: str, manifest: Optional[Mapping[str, Any]] = None
 ) -> CompressedTask:
     """Read one task's tensors from the checkpoint, and no other task's, verified: the tensor file's size
-    and SHA-256, each tensor's shape and dtype against the manifest, and the task's SHA-256
-    (:func:`task_digest`). Every error names the file and the task or tensor."""
-    from safetensors import safe_open
-
+    and SHA-256 (one pass over the file, :func:`_read_verified`), each tensor's shape and dtype against the
+    manifest, every value finite, and the task's SHA-256 (:func:`task_digest`). Every error names the file and
+    the task or tensor."""
     directory = Path(directory)
     manifest = read_manifest(directory) if manifest is None else manifest
     index, entry = _task_entry(manifest, task)
-    path = _verified_tensor_file(directory, manifest)
-    _, header = read_safetensors_header(path, f"TSV-C checkpoint {directory}")
+    path = confined_path(directory, manifest["tensor_file"], f"{directory / MANIFEST_FILE}: 'tensor_file'")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: the tensor file named in {directory / MANIFEST_FILE} does not exist")
+    size, recorded = path.stat().st_size, manifest["files"][manifest["tensor_file"]]["bytes"]
+    if size != recorded:
+        raise CheckpointError(
+            f"{path} has {size} bytes, {MANIFEST_FILE} records {recorded}: the file is truncated or was replaced; "
+            "write the checkpoint again"
+        )
+    data_start, header = read_safetensors_header(path, f"TSV-C checkpoint {directory}")
     expected = _expected_tensors(manifest, index)
     prefix = entry["prefix"]
     for name, (shape, dtype) in expected.items():
@@ -538,20 +546,25 @@ def load_compressed_task(
                 f"{path}: task '{task}': tensor '{prefix}{name}' is {found['dtype']} {found['shape']}, "
                 f"{MANIFEST_FILE} describes {dtype} {shape}: the checkpoint is inconsistent; write it again"
             )
+    raw = _read_verified(path, manifest, data_start, {prefix + name: header[prefix + name] for name in expected})
     tensors: Dict[str, Tensor] = {}
-    current = None
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            for name in expected:
-                current = prefix + name
-                tensors[name] = f.get_tensor(current)
-    except Exception as e:
-        raise CheckpointError(f"{path}: task '{task}': cannot read tensor '{current}': {type(e).__name__}: {e}") from e
+    for name, (shape, dtype) in expected.items():
+        data = raw.pop(prefix + name)
+        tensors[name] = (torch.frombuffer(data, dtype=_torch_dtype(dtype)) if data else
+                         torch.empty(0, dtype=_torch_dtype(dtype))).reshape(shape)
     if task_digest(task, tensors) != entry["sha256"]:
         raise CheckpointError(
             f"{path}: the tensors of task '{task}' (prefix '{prefix}') do not match its SHA-256 in {MANIFEST_FILE}: "
             "the checkpoint is damaged or was modified; write it again"
         )
+    for name, value in tensors.items():
+        try:
+            check_tensor_finite(value, task, prefix + name)
+        except ValueError:
+            raise CheckpointError(
+                f"{path}: task '{task}': tensor '{prefix}{name}' holds NaN or Inf values (its checksums match: it "
+                "was written so); compress the task again from a finite model"
+            ) from None
     out = CompressedTask(task)
     for key in manifest["matrices"]:
         out.factors[key] = SVDFactors(*(tensors[f"/{key}/{p}"] for p in _FACTORS))
@@ -561,7 +574,8 @@ def load_compressed_task(
 
 
 def verify_checkpoint(directory: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Verify a whole checkpoint (manifest, tensor file, every task's tensors) and return its manifest."""
+    """Verify a whole checkpoint (manifest, tensor file, every task's tensors) and return its manifest; the
+    tensor file is read once per task (one task's tensors in memory at a time)."""
     manifest = read_manifest(directory)
     for entry in manifest["tasks"]:
         load_compressed_task(directory, entry["name"], manifest)

@@ -26,8 +26,8 @@ def save_hf_model(
     """``model.save_pretrained(path, max_shard_size=...)`` (safetensors; sharded with a
     ``model.safetensors.index.json`` above ``max_shard_size``) and ``tokenizer.save_pretrained(path)``,
     written into a temporary directory next to ``path`` and renamed into place
-    (:func:`~.outputs.write_output_dir`: an existing ``path`` is replaced only when empty or written by this
-    package). ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
+    (:func:`~.outputs.write_output_dir`: an existing ``path`` is replaced only when empty or an unchanged
+    TSV-M output). ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"cannot save a {type(model).__name__} in Hugging Face format: it has no save_pretrained")

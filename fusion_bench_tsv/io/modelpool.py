@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from copy import deepcopy
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence
@@ -21,6 +22,7 @@ __all__ = [
     "OFFLINE_BENCHMARK_HINT",
     "HubUnreachableError",
     "as_modelpool",
+    "check_taskpool_paths",
     "check_checkpoint_keys",
     "check_pool_entries",
     "finetuned_model_names",
@@ -29,6 +31,7 @@ __all__ = [
     "local_checkpoint",
     "materialize",
     "offline_benchmark_hint",
+    "pool_input_paths",
 ]
 
 
@@ -105,6 +108,63 @@ def check_pool_entries(modelpool) -> None:
                 )
 
 
+def pool_input_paths(modelpool) -> List[str]:
+    """The local paths a run reads: every model entry's path (a string, or a config's
+    ``pretrained_model_name_or_path``/``path``) and the pool's ``tokenizer``/``processor`` when they are
+    paths, those that exist (hub ids are left out)."""
+    models = getattr(modelpool, "_models", None) or {}
+    entries = [models[name] for name in (models.keys() if hasattr(models, "keys") else [])]
+    entries += [getattr(modelpool, attr, None) for attr in ("tokenizer", "_processor", "processor")]
+    paths = [path for entry in entries for path in _entry_paths(entry)]
+    return sorted({path for path in paths if looks_like_local_path(path) and os.path.exists(path)})
+
+
+_CONFIG_PATH_KEYS = ("pretrained_model_name_or_path", "path", "root", "clip_model", "processor")
+
+
+def _config_paths(config) -> Iterator[str]:
+    """Local path strings a task pool config names (``clip_model``, ``processor``, datasets' ``root`` and
+    ``root/task``, ``pretrained_model_name_or_path``), recursively; a value that cannot be resolved is skipped."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(config, (DictConfig, ListConfig)):
+        try:
+            config = OmegaConf.to_container(config, resolve=True)
+        except Exception:  # an interpolation that cannot be resolved here: FusionBench reports it itself
+            return
+    if isinstance(config, Mapping):
+        for key, value in config.items():
+            if key in _CONFIG_PATH_KEYS and isinstance(value, str) and looks_like_local_path(value):
+                yield value
+                if key == "root" and isinstance(config.get("task"), str):
+                    yield str(Path(value) / config["task"])
+            else:
+                yield from _config_paths(value)
+    elif isinstance(config, (list, tuple)):
+        for value in config:
+            yield from _config_paths(value)
+
+
+def check_taskpool_paths(taskpool, what: str) -> None:
+    """Raise a ``FileNotFoundError`` naming ``what`` for the first local path of a task pool (a config, or a
+    FusionBench ``CLIPVisionModelTaskPool`` before its setup) that does not exist, with the offline benchmark's
+    build command when it lies there (:func:`offline_benchmark_hint`), instead of transformers' hub message
+    when the pool is set up."""
+    if not isinstance(taskpool, Mapping) and hasattr(taskpool, "_test_datasets"):
+        taskpool = {"clip_model": getattr(taskpool, "_clip_model", None), "processor": getattr(taskpool, "_processor", None),
+                    "test_datasets": taskpool._test_datasets}
+    if not isinstance(taskpool, Mapping):
+        return
+    tasks = taskpool.get("test_datasets")
+    num_tasks = len(tasks) if isinstance(tasks, Mapping) else 0
+    for path in _config_paths(taskpool):
+        if not os.path.exists(path):
+            raise FileNotFoundError(
+                f"{what}: local path {path} does not exist{offline_benchmark_hint(path, num_tasks)}; otherwise fix "
+                "the task pool config"
+            )
+
+
 def offline_benchmark_hint(path: str, num_tasks: int) -> str:
     """For a missing ``path`` inside an offline benchmark suite's layout (``<root>/<suite>/...``, e.g.
     ``tiny_clip``): the exact ``fusion-bench-tsv-build`` command that makes it; ``""`` for any other path."""
@@ -172,6 +232,30 @@ def _first_line(error: BaseException, limit: int = 600) -> str:
     text = str(error).strip().splitlines()
     line = f"{type(error).__name__}: {text[0] if text else ''}"
     return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
+_SIZE_MISMATCH = re.compile(r"size mismatch for ([^:\s]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+                            r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)")
+_LOAD_STATE_DICT = re.compile(r"Error\(s\) in loading state_dict for (\w+):")
+
+
+def _state_dict_mismatch(error: BaseException) -> Optional[str]:
+    """For torch's ``load_state_dict`` error (anywhere in the chain): the model class and, for each parameter of
+    another shape, its name and both shapes, e.g. ``Linear: parameter 'weight' has shape (3, 4) in the
+    checkpoint, (2, 4) in the model``; the other lines (missing or unexpected keys) as torch gives them."""
+    for e in _exception_chain(error):
+        text = str(e)
+        found = _LOAD_STATE_DICT.search(text)
+        if found is None:
+            continue
+        shape = lambda dims: tuple(int(d) for d in dims.split(",") if d.strip())  # noqa: E731
+        details = [f"parameter '{key}' has shape {shape(ckpt)} in the checkpoint, {shape(model)} in the model"
+                   for key, ckpt, model in _SIZE_MISMATCH.findall(text)]
+        details += [line.strip() for line in text[found.end():].splitlines()
+                    if line.strip() and "size mismatch" not in line and "You may consider" not in line]
+        shown = "; ".join(details[:8]) + (f"; and {len(details) - 8} more" if len(details) > 8 else "")
+        return f"the checkpoint does not fit the model {found.group(1)}: {shown}"
+    return None
 
 
 def _checkpoint_dir(path: Optional[str]) -> Optional[Path]:
@@ -250,7 +334,7 @@ def load_model(modelpool, name: str, allow_missing_keys: bool = False):
                 + OFFLINE_BENCHMARK_HINT
             ) from None
         where = directory or _entry_path(modelpool, name) or "its modelpool entry"
-        raise CheckpointError(f"model '{name}': cannot load {where}: {_first_line(e)}") from e
+        raise CheckpointError(f"model '{name}': cannot load {where}: {_state_dict_mismatch(e) or _first_line(e)}") from e
     module = _reference_module(model)
     if module is not None and not isinstance(_pool_entry(modelpool, name), nn.Module):  # not the caller's instance
         if directory is None:

@@ -4,9 +4,13 @@ With a scalar α the merged update ``M = U⊥ΣV⊥ᵀ`` does not depend on α, 
 one validation pass per α: :class:`UpdateMerge` makes the merge job return ``M`` itself (kept in the
 compute dtype, float32 or float64, on θ₀'s device), :func:`run_alpha_grid` forms ``θ₀ + α·M`` in place
 in the model for each α (with :func:`~fusion_bench_tsv.runtime.merge_job.add_scaled`, the merge job's own
-formula), evaluates it with the validation task pool, and leaves the model at the best α (ties: the
-smaller α, the smaller change to θ₀). Memory: ``M`` and a copy of θ₀'s merged parameters, about two
-models beside the returned one. :func:`write_outputs` writes ``alpha_grid.json`` and ``alpha_grid.png``.
+formula), evaluates it with the validation task pool, and leaves the model at the best α: the highest
+finite average accuracy (a NaN or infinite score is logged and ignored wherever it is in the grid; a grid
+without any finite score is an error naming the pool); ties: the smaller α, the smaller change to θ₀. The
+returned model has the dtype and device of each of its parameters and buffers before validation, whatever
+the task pool did to it (e.g. ``.half()`` or a move to its own device). Memory: ``M`` and a copy of θ₀'s
+floating parameters, about two models beside the returned one. :func:`write_outputs` writes
+``alpha_grid.json`` and ``alpha_grid.png``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Dict, List, Mapping, Optional, Sequence
@@ -23,13 +28,14 @@ from torch import Tensor, nn
 
 from ..functional import compute_dtype
 from ..io.keys import state_dict_of
+from ..io.modelpool import check_taskpool_paths
 from ..io.outputs import output_dir, write_output_dir
 from ..runtime.merge_job import ParameterMerge, add_scaled
 from ..runtime.timing import timed
 
 log = logging.getLogger(__name__)
 
-__all__ = ["OUTPUT_NAME", "UpdateMerge", "load_taskpool", "open_alpha_grid", "run_alpha_grid", "validation_accuracy", "write_outputs"]
+__all__ = ["OUTPUT_NAME", "UpdateMerge", "best_point", "load_taskpool", "open_alpha_grid", "run_alpha_grid", "validation_accuracy", "write_outputs"]
 
 OUTPUT_NAME = "alpha_grid"
 """The directory in the run's log dir that holds ``alpha_grid.json`` and ``alpha_grid.png``."""
@@ -56,6 +62,25 @@ def _available_val_configs() -> List[str]:
         names += [f"{group}/{n}".lstrip("/") for n in loader.get_group_options(path, results_filter=ObjectType.CONFIG)
                   if n.endswith("_val")]
     return sorted(names)
+
+
+def _suggested_val_pool() -> str:
+    """The ``_val`` task pool config named like the run's ``taskpool=`` (or ``modelpool=``) choice of the CLI,
+    when there is one (an offline pool's own validation pool); FusionBench's TA8 one otherwise."""
+    fallback = "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return fallback
+        choices = HydraConfig.get().runtime.choices
+        available = set(_available_val_configs())
+    except Exception:  # no Hydra run, or its config loader is not available: the generic example
+        return fallback
+    candidates = [f"{choices.get('taskpool')}_val"]
+    modelpool = str(choices.get("modelpool") or "")
+    candidates.append("CLIPVisionModelTaskPool/" + modelpool.split("/")[-1].removesuffix("_model_only") + "_val")
+    return next((c for c in candidates if c in available), fallback)
 
 
 def _compose_taskpool(name: str):
@@ -92,7 +117,7 @@ def open_alpha_grid(alpha_grid: Optional[Sequence[float]], validation_taskpool: 
     if validation_taskpool is None:
         raise ValueError(
             "TSVMergeAlgorithm: option 'alpha_grid' needs option 'validation_taskpool', the task pool that "
-            "chooses alpha, e.g. method.validation_taskpool=CLIPVisionModelTaskPool/clip-vit-classification_TA8_val"
+            f"chooses alpha, e.g. method.validation_taskpool={_suggested_val_pool()}"
         )
     if fabric.world_size > 1:
         raise ValueError(
@@ -116,6 +141,7 @@ def load_taskpool(spec: Any, fabric) -> Any:
 
     if isinstance(spec, str):
         spec = _compose_taskpool(spec)
+    check_taskpool_paths(spec, "TSVMergeAlgorithm: option 'validation_taskpool'")
     if isinstance(spec, Mapping):
         config = spec if isinstance(spec, DictConfig) else OmegaConf.create(dict(spec))
         taskpool = instantiate(config, _recursive_=config.get("_recursive_", False))
@@ -148,6 +174,44 @@ def _set_alpha(model: nn.Module, theta0: Mapping[str, Tensor], updates: Mapping[
         current[key].copy_(add_scaled(theta0[key], update, alpha))
 
 
+def _layout(model: nn.Module) -> Dict[tuple, tuple]:
+    """(module name, tensor name, is a parameter) -> (dtype, device) of every parameter and buffer."""
+    return {(m, n, n in module._parameters): (t.dtype, t.device) for m, module in model.named_modules()
+            for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None}
+
+
+def _restore_layout(model: nn.Module, layout: Mapping[tuple, tuple]) -> None:
+    """Put every parameter and buffer back in the dtype and on the device of ``layout`` (:func:`_layout`)."""
+    modules = dict(model.named_modules())
+    for (m, n, is_parameter), (dtype, device) in layout.items():
+        module = modules[m]
+        tensor = (module._parameters if is_parameter else module._buffers).get(n)
+        if tensor is None or (tensor.dtype, tensor.device) == (dtype, device):
+            continue
+        if is_parameter:
+            tensor.data = tensor.data.to(device=device, dtype=dtype)
+        else:
+            module._buffers[n] = tensor.to(device=device, dtype=dtype)
+
+
+def _pool_name(taskpool: Any) -> str:
+    tasks = getattr(taskpool, "_test_datasets", None)
+    return type(taskpool).__name__ + (f" (tasks {list(tasks)})" if isinstance(tasks, Mapping) else "")
+
+
+def best_point(curve: Sequence[Mapping[str, Any]], taskpool: Any) -> Mapping[str, Any]:
+    """The point of highest finite accuracy (ties: the smaller α); a ``ValueError`` naming the pool when none
+    is finite."""
+    finite = [point for point in curve if math.isfinite(point["accuracy"])]
+    if not finite:
+        raise ValueError(
+            f"TSVMergeAlgorithm: option 'validation_taskpool': the validation task pool {_pool_name(taskpool)} "
+            f"gave no finite average accuracy for any alpha of {[p['alpha'] for p in curve]} "
+            f"({[p['accuracy'] for p in curve]}): check that task pool (its data and its report)"
+        )
+    return max(finite, key=lambda point: (point["accuracy"], -point["alpha"]))
+
+
 # over ~40 lines only by its docstring (one line per argument)
 @torch.no_grad()
 def run_alpha_grid(
@@ -170,23 +234,29 @@ def run_alpha_grid(
         profile: a context-manager factory timing ``"evaluate"``.
     """
     base = state_dict_of(model)
-    theta0 = {key: base[key].detach().clone() for key in updates}
-    device = next(iter(base.values())).device if base else None
+    layout = _layout(model)
+    # every floating tensor: a task pool that rounds the model (e.g. .half()) must not change what is returned
+    theta0 = {key: value.detach().clone() for key, value in base.items() if value.is_floating_point()}
     curve: List[Dict[str, Any]] = []
     for alpha in grid:
         _set_alpha(model, theta0, updates, alpha)
         with profile("evaluate"):
             average, per_task = validation_accuracy(taskpool.evaluate(model))
-        log.info(f"TSV-M alpha grid: alpha={alpha:g}: validation accuracy {100 * average:.2f}%")
+        if math.isfinite(average):
+            log.info(f"TSV-M alpha grid: alpha={alpha:g}: validation accuracy {100 * average:.2f}%")
+        else:
+            log.warning(f"TSV-M alpha grid: alpha={alpha:g}: validation accuracy {average}: ignored")
         curve.append({"alpha": alpha, "accuracy": average, "per_task": per_task})
-    best = max(curve, key=lambda point: (point["accuracy"], -point["alpha"]))
-    if device is not None:
-        model.to(device)  # a task pool may have moved it to its own device
+    best = best_point(curve, taskpool)
+    _restore_layout(model, layout)
+    current = state_dict_of(model)
+    for key in theta0.keys() - updates.keys():
+        current[key].copy_(theta0[key])
     _set_alpha(model, theta0, updates, best["alpha"])
     log.info(f"TSV-M alpha grid: best alpha={best['alpha']:g} (validation accuracy {100 * best['accuracy']:.2f}%)")
     return {
         "method": "TSV-M",
-        "selection": "the alpha of highest average validation accuracy; ties: the smaller alpha",
+        "selection": "the alpha of highest finite average validation accuracy (NaN/Inf ignored); ties: the smaller alpha",
         "grid": list(grid),
         "task_scales": list(task_scales) if task_scales is not None else None,
         "best": {"alpha": best["alpha"], "accuracy": best["accuracy"], "per_task": best["per_task"]},

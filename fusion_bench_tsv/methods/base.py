@@ -29,7 +29,8 @@ from fusion_bench.mixins import LightningFabricMixin, SimpleProfilerMixin
 from ..functional import compute_dtype, layer_rank, rank_options, weight_rms
 from ..io.atomic import write_atomic
 from ..io.keys import check_finite, split_keys, state_dict_of
-from ..io.modelpool import as_modelpool, finetuned_model_names, load_pretrained_model
+from ..io.modelpool import (as_modelpool, check_taskpool_paths, finetuned_model_names, load_pretrained_model,
+                            pool_input_paths)
 from ..io.outputs import output_dir
 from ..io.streaming import stored_dtype
 
@@ -65,14 +66,23 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     method_name: ClassVar[str] = "TSV"  # names the method in logs and errors
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
     default_save_path: ClassVar[Optional[str]] = None  # where outputs go without ``save_path``
+    evaluated: ClassVar[bool] = True  # whether the program's task pool evaluates what ``run`` returns
 
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
         return torch.device(self.device) if self.device is not None else self.fabric.device
 
     def coerce_pool(self, modelpool: Union[BaseModelPool, Mapping[str, nn.Module]]) -> BaseModelPool:
-        """``modelpool`` as a checked FusionBench pool (:func:`~fusion_bench_tsv.io.modelpool.as_modelpool`)."""
-        return as_modelpool(modelpool, self.method_name)
+        """``modelpool`` as a checked FusionBench pool (:func:`~fusion_bench_tsv.io.modelpool.as_modelpool`);
+        its local paths are the inputs :meth:`output_path` never replaces. The program's task pool, when the
+        method's result is evaluated, is checked for local paths that do not exist (an unbuilt offline
+        benchmark) before anything is computed."""
+        modelpool = as_modelpool(modelpool, self.method_name)
+        taskpool = getattr(getattr(self, "_program", None), "taskpool", None)
+        if taskpool is not None and self.evaluated:
+            check_taskpool_paths(taskpool, f"{self.method_name}: the program's taskpool")
+        self._inputs, self._output = pool_input_paths(modelpool), None
+        return modelpool
 
     def layer_ranks(self, base: Mapping[str, Tensor], keys: List[str], num_tasks: int) -> Dict[str, Optional[int]]:
         """The per-task rank k of every matrix of ``keys`` (option ``rank``, or floor(r / T)), checked against its shape."""
@@ -106,12 +116,15 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
 
     def output_path(self) -> Optional[Path]:
         """The directory ``save_path`` names (``{log_dir}`` alone: ``<log_dir>/<output_name>``), None when
-        nothing is to be written; refused when something there was not written by this package
-        (:func:`~fusion_bench_tsv.io.outputs.output_dir`)."""
+        nothing is to be written; checked once per run, against the pool's inputs, by
+        :func:`~fusion_bench_tsv.io.outputs.output_dir`."""
         save_path = self.save_path if self.save_path is not None else self.default_save_path
         if save_path is None or (self.save_path is None and self.log_dir is None):
             return None
-        return output_dir(save_path, self.log_dir, self.output_name, self.method_name)
+        if getattr(self, "_output", None) is None:
+            self._output = output_dir(save_path, self.log_dir, self.output_name, self.method_name,
+                                      inputs=getattr(self, "_inputs", ()))
+        return self._output
 
     def save_rank_report(self, report: Mapping[str, Any], file_name: str) -> Optional[Path]:
         """Log :func:`rank_report`'s summary and write the report as ``file_name`` in the log dir, atomically

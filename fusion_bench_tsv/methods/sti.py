@@ -185,6 +185,7 @@ class STIAnalysis(TSVAlgorithmBase):
     method_name = "STI"
     output_name = "sti"
     default_save_path = "{log_dir}"
+    evaluated = False
 
     def __init__(
         self,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 import struct
@@ -204,3 +205,39 @@ def test_verify_checkpoint_reads_every_task(checkpoints):
     assert manifest["version"] == VERSION >= 2
     assert [t["name"] for t in manifest["tasks"]] == ["alpha", "beta"]
     assert all(len(t["sha256"]) == 64 for t in manifest["tasks"])
+
+
+def test_non_finite_factor_with_matching_checksums_is_refused_naming_file_and_tensor(checkpoints, tmp_path):
+    """A NaN written into U with every checksum made consistent (file and task): refused by the finite check."""
+    from fusion_bench_tsv.io.compressed_checkpoint import load_task_model, task_digest
+
+    root, base = checkpoints
+    d = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", d)
+    _rewrite(d, _nan_in_u, fix_checksum=False)
+    manifest = _manifest(d)
+    tensors = load_file(d / TENSOR_FILE)
+    manifest["tasks"][0]["sha256"] = task_digest("alpha", {k[len("t0"):]: v for k, v in tensors.items()
+                                                           if k.startswith("t0/")})
+    _write_manifest(d, manifest)
+    _fix_file_checksum(d)
+    with pytest.raises(ValueError, match=re.escape(f"{d / TENSOR_FILE}: task 'alpha': tensor 't0/{FC1}/U' holds NaN")):
+        load_task_model(d, "alpha", base)
+    load_task_model(d, "beta", base)  # the other task is finite and loads
+
+
+def test_edit_restoring_size_and_mtime_is_refused_after_a_verified_load(checkpoints, tmp_path):
+    """Within one process: load (verified), edit the file in place, put its size and mtime back: refused."""
+    from fusion_bench_tsv.io.compressed_checkpoint import load_task_model
+
+    root, base = checkpoints
+    d = tmp_path / "ckpt"
+    shutil.copytree(root / "ckpt", d)
+    load_task_model(d, "alpha", base)
+    st = (d / TENSOR_FILE).stat()
+    _swap_two_values_in_place(d)
+    os.utime(d / TENSOR_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = (d / TENSOR_FILE).stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+    with pytest.raises(ValueError, match=re.escape(f"{d / TENSOR_FILE}: its SHA-256 differs")):
+        load_task_model(d, "alpha", base)

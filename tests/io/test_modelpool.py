@@ -186,3 +186,64 @@ def test_pool_without_pretrained_says_what_is_expected(algorithm):
     with pytest.raises(ValueError, match=r"needs the pretrained model under the key '_pretrained_'.*\{'_pretrained_': "
                                          r"pretrained_model, 'task_a': finetuned_a.*the modelpool has \['t0', 't1'\]"):
         ALGORITHMS[algorithm]().run(models)
+
+
+# ------------------------------------------------------------------------------ errors that keep their point
+def test_shape_mismatch_in_eager_loading_names_the_parameter_both_shapes_and_the_model():
+    """A loader that fails inside ``load_state_dict``: torch's first line alone ("Error(s) in loading state_dict
+    for Linear:") says nothing; the error names the model, the class, the parameter and both shapes."""
+    from fusion_bench import BaseModelPool
+
+    class WrongShapePool(BaseModelPool):
+        def load_model(self, name, *args, **kwargs):
+            if name == "task_b":
+                model = torch.nn.Linear(4, 2)
+                model.load_state_dict({"weight": torch.zeros(3, 4), "bias": torch.zeros(3)})
+            return super().load_model(name, *args, **kwargs)
+
+    pool = WrongShapePool({"_pretrained_": torch.nn.Linear(4, 2), "task_a": torch.nn.Linear(4, 2),
+                           "task_b": torch.nn.Linear(4, 2)})
+    with pytest.raises(ValueError) as info:
+        TSVMergeAlgorithm(show_pbar=False, lazy_loading=False).run(pool)
+    message = str(info.value)
+    for part in ("model 'task_b'", "does not fit the model Linear",
+                 "parameter 'weight' has shape (3, 4) in the checkpoint, (2, 4) in the model",
+                 "parameter 'bias' has shape (3,) in the checkpoint, (2,) in the model"):
+        assert part in message, (part, message)
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def _compose(name: str):
+    from fusion_bench_tsv.methods.alpha_grid import _compose_taskpool
+
+    return _compose_taskpool(name)
+
+
+def test_unbuilt_offline_validation_pool_says_how_to_build_it(disk_pool, tmp_path, monkeypatch):
+    """The tiny_clip _val pool over a data root never built: the build command with that root, before merging
+    (not transformers' "Can't load image processor ... huggingface.co" once the pool is set up)."""
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path / "never_built"))
+    algorithm = TSVMergeAlgorithm(show_pbar=False, alpha_grid=[0.5, 1.0],
+                                  validation_taskpool="CLIPVisionModelTaskPool/tiny_clip_8_val")
+    with pytest.raises(FileNotFoundError) as info:
+        algorithm.run(make_pool(disk_pool))
+    message = str(info.value)
+    assert "option 'validation_taskpool'" in message and str(tmp_path / "never_built" / "tiny_clip") in message
+    # the root is FUSION_BENCH_TSV_DATA, which the build command reads too: no --root
+    assert "is not built: run `fusion-bench-tsv-build --num-tasks 8`" in message, message
+
+
+@pytest.mark.parametrize("algorithm", ["TSV-M lazy", "TSV-C"])
+def test_unbuilt_offline_test_pool_of_the_program_says_how_to_build_it(disk_pool, tmp_path, monkeypatch, algorithm):
+    from types import SimpleNamespace
+
+    from fusion_bench import instantiate
+
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path / "never_built"))
+    method = ALGORITHMS[algorithm]()
+    method._program = SimpleNamespace(taskpool=instantiate(_compose("CLIPVisionModelTaskPool/small_clip_14"),
+                                                           _recursive_=False))
+    with pytest.raises(FileNotFoundError, match=r"the program's taskpool: local path .*never_built/small_clip.* does "
+                                                r"not exist; the offline benchmark at .* is not built: run "
+                                                r"`fusion-bench-tsv-build --num-tasks 14 --suite small_clip`"):
+        method.run(make_pool(disk_pool))

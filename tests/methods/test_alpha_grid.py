@@ -212,3 +212,72 @@ def test_cli_alpha_grid_with_a_taskpool_name(tiny_pool, tmp_path):
     reports = sorted(p.name for p in log_dir.glob("report*.json"))
     assert len(reports) <= 1, f"validation passes wrote reports into the log dir: {reports}"
     assert f"best alpha={results['best']['alpha']:g}" in proc.stdout + proc.stderr
+
+
+# ------------------------------------------------------------------------------ non-finite scores, ties, layout
+NAN = float("nan")
+
+
+@pytest.mark.parametrize("scores, best", [
+    ([NAN, 0.2, 0.9, 0.5], 1.5),  # a NaN first is never the best (the issue's case)
+    ([0.2, NAN, 0.9, 0.5], 1.5),  # nor in the middle
+    ([0.2, 0.5, 0.9, NAN], 1.5),  # nor last
+    ([float("inf"), 0.2, 0.9, 0.9], 1.5),  # an infinite score is not a finite one; tie 0.9/0.9: the smaller alpha
+    ([0.4, 0.4, 0.1, 0.4], 0.5),  # ties: the smaller alpha, wherever it is
+])
+def test_non_finite_scores_are_ignored_wherever_they_are(scores, best, caplog):
+    grid = [0.5, 1.0, 1.5, 2.0] if scores[0] != 0.4 else [1.0, 0.5, 1.5, 2.0]
+    models = make_pool_models(2)
+    algorithm = TSVMergeAlgorithm(alpha_grid=grid, validation_taskpool=ScriptedTaskPool(scores), show_pbar=False,
+                                  svd_method="svd")
+    merged = algorithm.run(copy_pool(models)).state_dict()
+    assert algorithm.alpha_grid_results["best"]["alpha"] == best
+    expected = plain(models, best, "svd")
+    assert all(torch.equal(merged[k], expected[k]) for k in expected), "returned model != plain run at best alpha"
+    if any(s != s or abs(s) == float("inf") for s in scores):
+        assert "ignored" in caplog.text
+
+
+def test_all_nan_grid_is_an_error_naming_the_validation_pool():
+    algorithm = TSVMergeAlgorithm(alpha_grid=GRID, validation_taskpool=ScriptedTaskPool([NAN] * 3), show_pbar=False)
+    with pytest.raises(ValueError, match=r"validation task pool ScriptedTaskPool gave no finite average accuracy"):
+        algorithm.run(copy_pool(make_pool_models(2)))
+
+
+class HalvingTaskPool(ScriptedTaskPool):
+    """A validation pool that casts the model to float16 (and back to nothing) before evaluating, as some do."""
+
+    def evaluate(self, model: torch.nn.Module) -> Dict[str, dict]:
+        model.half()
+        return super().evaluate(model)
+
+
+def test_returned_model_keeps_its_dtype_and_values_after_a_pool_that_halves_it():
+    """The model is float32 before validation: the returned model is float32 and bitwise the plain run's, even for
+    parameters outside the merge's updates (a pool's .half() rounds every floating tensor)."""
+    models = make_pool_models(2)
+    taskpool = HalvingTaskPool([0.1, 0.7, 0.3])
+    merged = TSVMergeAlgorithm(alpha_grid=GRID, validation_taskpool=taskpool, show_pbar=False,
+                               svd_method="svd").run(copy_pool(models))
+    assert all(v.dtype == torch.float32 for v in merged.state_dict().values() if v.is_floating_point())
+    assert {v.dtype for s in taskpool.seen for v in s.values() if v.is_floating_point()} == {torch.float16}
+    expected = plain(models, 1.0, "svd")
+    assert all(torch.equal(merged.state_dict()[k], expected[k]) for k in expected)
+
+
+def test_missing_validation_pool_suggests_the_val_pool_of_the_cli_taskpool(monkeypatch):
+    """On the offline benchmark the hint names its own _val pool, not a hub one."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from fusion_bench_tsv.methods import alpha_grid
+
+    choices = {"taskpool": "CLIPVisionModelTaskPool/tiny_clip_8", "modelpool": "CLIPVisionModelPool/tiny_clip_8"}
+    monkeypatch.setattr(HydraConfig, "initialized", staticmethod(lambda: True))
+    monkeypatch.setattr(HydraConfig, "get", staticmethod(lambda: OmegaConf.create({"runtime": {"choices": choices}})))
+    monkeypatch.setattr(alpha_grid, "_available_val_configs",
+                        lambda: ["CLIPVisionModelTaskPool/tiny_clip_8_val", "CLIPVisionModelTaskPool/small_clip_8_val"])
+    assert alpha_grid._suggested_val_pool() == "CLIPVisionModelTaskPool/tiny_clip_8_val"
+    choices.update(taskpool="dummy", modelpool="CLIPVisionModelPool/small_clip_8_model_only")
+    assert alpha_grid._suggested_val_pool() == "CLIPVisionModelTaskPool/small_clip_8_val"
+    with pytest.raises(ValueError, match=r"e\.g\. method\.validation_taskpool=CLIPVisionModelTaskPool/small_clip_8_val"):
+        TSVMergeAlgorithm(alpha_grid=GRID, show_pbar=False).run(copy_pool(make_pool_models(2)))
