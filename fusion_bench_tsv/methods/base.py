@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -32,6 +35,7 @@ from ..io.keys import check_finite, split_keys, state_dict_of
 from ..io.modelpool import as_modelpool, finetuned_model_names, load_pretrained_model
 from ..io.outputs import output_dir
 from ..io.streaming import stored_dtype
+from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +69,39 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     method_name: ClassVar[str] = "TSV"  # names the method in logs and errors
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
     default_save_path: ClassVar[Optional[str]] = None  # where outputs go without ``save_path``
+    PROFILE_FILE: ClassVar[str] = "profile.txt"  # the profiler's table, in the log dir
+
+    @property
+    def fabric(self) -> L.Fabric:
+        """The program's Fabric; from Python, FusionBench's default (one device, launched) without its warning
+        that there is no fabric configuration."""
+        if self._fabric_instance is None:
+            self._fabric_instance = L.Fabric(devices=1)
+            self._fabric_instance.launch()
+        return self._fabric_instance
+
+    @fabric.setter
+    def fabric(self, instance: L.Fabric) -> None:
+        self._fabric_instance = instance
+
+    def start_run(self) -> None:
+        """Start the clock of the run's summary."""
+        self._started = time.perf_counter()
+
+    def finish_run(self, title: str, options: Mapping[str, Any], *, outputs: Optional[Mapping[str, Any]] = None,
+                   results: Optional[Mapping[str, str]] = None, scalars: Optional[Mapping[str, float]] = None,
+                   report: Optional[Mapping[str, Any]] = None) -> None:
+        """The profiler's table (printed with ``print_profile``, always written to :attr:`PROFILE_FILE` in the log
+        dir) and the run's summary (:class:`~.summary.RunSummary`: printed now from Python, at the end of the
+        job in the CLI). ``outputs``: label -> path (None entries left out)."""
+        if self.print_profile:
+            self.print_profile_summary(title)
+        if self.log_dir is not None:
+            write_atomic(Path(self.log_dir) / self.PROFILE_FILE, lambda p: p.write_text(self.profiler.summary()))
+        RunSummary(self.method_name, dict(options), time.perf_counter() - getattr(self, "_started", time.perf_counter()),
+                   self.log_dir, {k: os.path.abspath(v) for k, v in (outputs or {}).items() if v is not None},
+                   dict(results or {}),
+                   dict(scalars or {}), report, self.fabric).finish()
 
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
