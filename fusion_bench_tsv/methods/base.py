@@ -219,10 +219,13 @@ def rank_report(
 
 
 def log_rank_report(method_name: str, report: Mapping[str, Any]) -> None:
-    """One log line per shape and k of :func:`rank_report`, e.g. ``TSV-M: 4 matrices of shape (64, 64), k=8:
-    kept 4/8 per task on 8 tasks (128 dropped; 4 rank-deficient)``, and the total."""
+    """The total, after one log line per shape and k of :func:`rank_report` where triplets were dropped or k was
+    chosen per task, e.g. ``TSV-M: 4 matrices of shape (64, 64), k=8: kept 4/8 per task on 8 tasks (128 dropped;
+    4 rank-deficient)``; every matrix's counts are in the report's file."""
     t = len(report["tasks"])
     for g in report["by_shape"]:
+        if g["k"] is not None and not g["dropped"]:
+            continue
         lo, hi = g["kept_min"], g["kept_max"]
         span = str(lo) if lo == hi else f"{lo}-{hi}"
         if g["k"] is None:

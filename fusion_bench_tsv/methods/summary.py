@@ -62,11 +62,13 @@ class RunSummary:
         report = report if report is not None else self.report
         if report is not None:
             average, tasks = average_accuracy(report), task_accuracies(report)
-            if average is not None:
-                results = {"average accuracy": f"{100 * average:.2f}% over {len(tasks)} tasks", **results}
             normalized = (report.get("average") or {}).get("normalized_accuracy")
-            if normalized is not None and "normalized accuracy" not in results:
-                results["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
+            first = {}
+            if average is not None:
+                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} tasks"
+            if normalized is not None:
+                first["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
+            results = {**first, **results}
         lines += [f"  {label}: {value}" for label, value in results.items()]
         lines.append(f"  time: {self.seconds:.1f} s ({self.method}'s run)")
         outputs = dict(self.outputs)

@@ -126,8 +126,10 @@ except (ImportError, AttributeError):  # another Hydra: its own message stays
 
 try:
     from fusion_bench_tsv.compat import ensure_typing_override
+    from fusion_bench_tsv.io.paths import register_data_root_resolver
 
     ensure_typing_override()
+    register_data_root_resolver()  # ${tsv_data_root:} of the offline benchmark's configs
 except ImportError:  # the plugin outlived an uninstalled package
     pass
 
