@@ -69,7 +69,6 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     method_name: ClassVar[str] = "TSV"  # names the method in logs and errors
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
     default_save_path: ClassVar[Optional[str]] = None  # where outputs go without ``save_path``
-    PROFILE_FILE: ClassVar[str] = "profile.txt"  # the profiler's table, in the log dir
 
     @property
     def fabric(self) -> L.Fabric:
@@ -91,13 +90,10 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     def finish_run(self, title: str, options: Mapping[str, Any], *, outputs: Optional[Mapping[str, Any]] = None,
                    results: Optional[Mapping[str, str]] = None, scalars: Optional[Mapping[str, float]] = None,
                    report: Optional[Mapping[str, Any]] = None) -> None:
-        """The profiler's table (printed with ``print_profile``, always written to :attr:`PROFILE_FILE` in the log
-        dir) and the run's summary (:class:`~.summary.RunSummary`: printed now from Python, at the end of the
-        job in the CLI). ``outputs``: label -> path (None entries left out)."""
+        """The profiler's table (with ``print_profile``) and the run's summary (:class:`~.summary.RunSummary`:
+        printed now from Python, at the end of the job in the CLI). ``outputs``: label -> path (None: left out)."""
         if self.print_profile:
             self.print_profile_summary(title)
-        if self.log_dir is not None:
-            write_atomic(Path(self.log_dir) / self.PROFILE_FILE, lambda p: p.write_text(self.profiler.summary()))
         RunSummary(self.method_name, dict(options), time.perf_counter() - getattr(self, "_started", time.perf_counter()),
                    self.log_dir, {k: os.path.abspath(v) for k, v in (outputs or {}).items() if v is not None},
                    dict(results or {}),

@@ -176,7 +176,7 @@ class STIAnalysis(TSVAlgorithmBase):
         device: where the linear algebra runs (None: the Fabric device).
         save_path: directory of the output files (None: ``<log_dir>/sti``).
         show_pbar: show progress bars.
-        print_profile: print the profiler's table (it is always written to ``profile.txt`` in the log dir).
+        print_profile: print the profiler's table of where the time went.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
         rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k (and full-rank) triplets.
 

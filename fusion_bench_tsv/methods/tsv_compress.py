@@ -122,7 +122,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         evaluate_finetuned: in routed evaluation, also evaluate each fine-tuned model.
         device: where the SVDs run (None: the Fabric device).
         show_pbar: show progress bars.
-        print_profile: print the profiler's table (it is always written to ``profile.txt`` in the log dir).
+        print_profile: print the profiler's table of where the time went.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
         rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k triplets.
     """

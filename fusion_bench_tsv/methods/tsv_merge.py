@@ -85,7 +85,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         rank: per-task rank k of every matrix (None: floor(min(m, n) / T), at least 1).
         device: where the linear algebra runs (None: the Fabric device).
         show_pbar: show progress bars.
-        print_profile: print the profiler's table (it is always written to ``profile.txt`` in the log dir).
+        print_profile: print the profiler's table of where the time went.
         svd_method: how each task's top-k triplets are computed: ``gram``, ``svd`` or ``randomized``.
         lazy_loading: read local safetensors checkpoints tensor by tensor (layer by layer when all can be).
         save_path: directory for the merged model in Hugging Face format (None: not saved).
