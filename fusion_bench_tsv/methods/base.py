@@ -130,12 +130,12 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         return opening
 
     def log_shapes(self, opening: Opening) -> None:
-        """Log how many matrices of each shape there are, and their rank k per task."""
+        """Log, in one line, how many matrices of each shape there are and their rank k per task."""
         base, t = opening.base, opening.num_tasks
         counts = Counter((tuple(base[key].shape), opening.ranks[key]) for key in opening.matrix_keys)
-        for (shape, k), count in sorted(counts.items(), key=str):
-            share = "chosen per task" if k is None else f"{k} per task ({t * k} of rank {min(shape)})"
-            log.info(f"{self.method_name}: {count} matrices of shape {shape}: k={share}")
+        shares = [f"{count} × {shape}: " + ("chosen per task" if k is None else f"{k} ({t * k} of rank {min(shape)})")
+                  for (shape, k), count in sorted(counts.items(), key=str)]
+        log.info(f"{self.method_name}: k per task of the matrices: {'; '.join(shares)}")
 
     def output_path(self) -> Optional[Path]:
         """The directory ``save_path`` names (``{log_dir}`` alone: ``<log_dir>/<output_name>``), None when

@@ -105,14 +105,33 @@ class RunSummary:
 
 class RunSummaryCallback(Callback):
     """Hydra callback of the ``fusion_bench`` CLI (``config/tsv/cli.yaml``): prints the run's summary with the
-    program's evaluation as the job's last lines, and logs the accuracies to TensorBoard."""
+    program's evaluation as the job's last lines, and logs the accuracies to TensorBoard.
+
+    ``print_function_call``: whether FusionBench prints its "Instantiate by calling" box for every object it
+    builds (the program, Fabric, the pools, the method, each dataset), set for the job through FusionBench's
+    :func:`~fusion_bench.utils.instantiate_utils.set_print_function_call_permeanent`. FusionBench's own
+    ``print_function_call=false`` has no effect in 0.2.33: the program assigns it to ``RuntimeConstants``'
+    class, replacing the property whose setter calls a context manager without entering it.
+    """
+
+    def __init__(self, print_function_call: bool = False):
+        self.print_function_call = print_function_call
+        self._previous: Optional[bool] = None
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fusion_bench.utils import instantiate_utils
+
         _IN_CLI_JOB[0] = True
         _PENDING.clear()
+        self._previous = instantiate_utils.PRINT_FUNCTION_CALL
+        instantiate_utils.set_print_function_call_permeanent(self.print_function_call)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from fusion_bench.utils import instantiate_utils
+
         _IN_CLI_JOB[0] = False
+        if self._previous is not None:
+            instantiate_utils.set_print_function_call_permeanent(self._previous)
         summaries = list(_PENDING)
         _PENDING.clear()
         if job_return.status != JobStatus.COMPLETED:
