@@ -252,8 +252,12 @@ def main(argv=None) -> None:
         extras = []
         if args.report is not None:
             extras = this_build_rows(args.report, args.build, args.show, args.label)
+            print("acc: average test accuracy %; norm.: normalized accuracy %, the mean over tasks of task accuracy / "
+                  "fine-tuned accuracy on that task (not acc / the fine-tuned row's acc)")
             print(f"bold rows: this run ({args.report}) and the build it evaluated ({args.build}), normalized by "
-                  "that build's fine-tuned accuracies; the other rows: the stored table")
+                  "that build's fine-tuned accuracies; the other rows: the stored table, measured on another machine: "
+                  "the CPU's kernels and the library builds change the trained weights and so every accuracy "
+                  "(docs/benchmark.md#reproducibility)")
         print(markdown(rows, extras))
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
