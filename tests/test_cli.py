@@ -168,7 +168,16 @@ def test_tsv_merge_cli_ends_in_its_summary(tiny_pool, tmp_path):
     records = log_file.read_text()
     assert "(computed in torch.float32)" not in records and "(matrices merged in torch.float64" in records
     assert "its program's next line ('No save path specified" in records
-    assert list(run_dir(tmp_path).glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run_dir(tmp_path).glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events))
+    scalars.Reload()
+    value = lambda tag: scalars.Scalars(tag)[-1].value  # noqa: E731
+    # TensorBoard stores float32: the report's float64 within half an ulp of float32
+    assert value("tsv_m/alpha") == 1.0
+    assert value("tsv_m/average_accuracy") == pytest.approx(report["average"]["accuracy"], rel=2**-24)
+    assert value("tsv_m/accuracy/shade_a") == pytest.approx(report["shade_a"]["accuracy"], rel=2**-24)
 
 
 def test_tsv_compress_cli_ends_in_its_summary_and_labels_reports(tiny_pool, tmp_path):

@@ -65,7 +65,7 @@ class RunSummary:
             normalized = (report.get("average") or {}).get("normalized_accuracy")
             first = {}
             if average is not None:
-                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} tasks"
+                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} task{'s' * (len(tasks) != 1)}"
             if normalized is not None:
                 first["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
             results = {**first, **results}
@@ -88,6 +88,9 @@ class RunSummary:
             average = average_accuracy(report)
             if average is not None:
                 values[f"{prefix}/average_accuracy"] = average
+            normalized = (report.get("average") or {}).get("normalized_accuracy")
+            if normalized is not None:
+                values[f"{prefix}/normalized_accuracy"] = normalized
             values.update({f"{prefix}/accuracy/{task}": acc for task, acc in task_accuracies(report).items()})
         if values:
             self.fabric.log_dict(values, step=0)
