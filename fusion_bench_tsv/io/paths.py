@@ -70,8 +70,12 @@ def data_root() -> str:
 
 
 def register_data_root_resolver() -> None:
-    """Register :data:`DATA_ROOT_RESOLVER` with OmegaConf (once; the Hydra plugin does it for every app)."""
-    from omegaconf import OmegaConf
+    """Register :data:`DATA_ROOT_RESOLVER` with OmegaConf (once; importing the package does it, and the Hydra
+    plugin imports it for every app); nothing without OmegaConf."""
+    try:
+        from omegaconf import OmegaConf
+    except ImportError:
+        return
 
     if not OmegaConf.has_resolver(DATA_ROOT_RESOLVER):
         OmegaConf.register_new_resolver(DATA_ROOT_RESOLVER, data_root)
