@@ -96,7 +96,9 @@ def test_end_to_end_offline_run_reports_accuracy_per_task(tiny_pool, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-5000:]
     log = proc.stdout + proc.stderr
-    assert "TSV-M: T=8 tasks" in log and "k=4 per task" in log
+    (log_file,) = (tmp_path / "outputs" / "fabric_model_fusion").glob("*/*.log")  # the job's log: records unwrapped
+    assert "TSV-M: T=8 tasks" in log_file.read_text() and ": 4 (32 of rank " in log_file.read_text()
+    assert "Instantiate by calling" not in log  # FusionBench's boxes are off for our methods' runs (config/tsv/cli.yaml)
     assert "Unused argument" not in log, [line for line in log.splitlines() if "Unused argument" in line]
     reports = list((tmp_path / "outputs" / "fabric_model_fusion").glob("*/program_report.json"))
     assert len(reports) == 1
@@ -129,3 +131,96 @@ def check_saved_merge(tiny_pool, saved) -> None:
     pool = CLIPVisionModelPool(models=models, processor=str(tiny_pool["pretrained"]))
     here = TSVMergeAlgorithm(show_pbar=False).run(pool).state_dict()
     assert_state_within(cli, here, {k: 2 * b for k, b in bounds.items()}, "CLI vs in-process run")
+
+
+def summary_block(log: str, method: str) -> list[str]:
+    """The closing summary: the lines from '<method> summary:' to the end, which must be the run's last lines."""
+    lines = log.rstrip("\n").splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith(f"{method} summary:")]
+    assert len(starts) == 1, f"{len(starts)} summaries: {log[-3000:]}"
+    block = lines[starts[0]:]
+    assert all(line.startswith("  ") for line in block[1:]), f"the summary is not the last thing printed: {block}"
+    return block
+
+
+def run_dir(tmp_path: Path) -> Path:
+    (found,) = (tmp_path / "outputs" / "fabric_model_fusion").glob("*/program_report.json")
+    return found.parent
+
+
+def test_tsv_merge_cli_ends_in_its_summary(tiny_pool, tmp_path):
+    """The summary (α, k, T, average accuracy of the program's report, run directory) is printed last, once; the
+    task pool's result is not logged again on the terminal; no line says the merge ran in float32; TensorBoard
+    events are written; a model saved by method.save_path is not contradicted by FusionBench's line."""
+    proc = run_fusion_bench(["--config-dir", str(tiny_pool["config_dir"]), "method=tsv/tsv_merge",
+                             f"modelpool=CLIPVisionModelPool/{tiny_pool['name']}",
+                             f"taskpool=CLIPVisionModelTaskPool/{tiny_pool['name']}", "fabric.accelerator=cpu",
+                             "method.save_path='{log_dir}/merged'"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    block = summary_block(proc.stdout, "TSV-M")
+    report = json.loads((run_dir(tmp_path) / "program_report.json").read_text())
+    assert block[0] == "TSV-M summary: alpha=1.0, k=floor(min(m, n) / T), T=8, svd_method=gram"
+    assert f"  average accuracy: {100 * report['average']['accuracy']:.2f}% over 2 tasks" in block
+    assert f"  merged model (method.save_path): {run_dir(tmp_path) / 'merged'}" in block
+    assert "Evaluation Result" not in log and "Profiler Report" not in log
+    (log_file,) = run_dir(tmp_path).glob("*.log")  # the job's log file: records unwrapped
+    records = log_file.read_text()
+    assert "(computed in torch.float32)" not in records and "(matrices merged in torch.float64" in records
+    assert "its program's next line ('No save path specified" in records
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = run_dir(tmp_path).glob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events))
+    scalars.Reload()
+    value = lambda tag: scalars.Scalars(tag)[-1].value  # noqa: E731
+    # TensorBoard stores float32: the report's float64 within half an ulp of float32
+    assert value("tsv_m/alpha") == 1.0
+    assert value("tsv_m/average_accuracy") == pytest.approx(report["average"]["accuracy"], rel=2**-24)
+    assert value("tsv_m/accuracy/shade_a") == pytest.approx(report["shade_a"]["accuracy"], rel=2**-24)
+
+
+def test_tsv_compress_cli_ends_in_its_summary_and_labels_reports(tiny_pool, tmp_path):
+    """TSV-C's run ends in its summary, not in a failed pretty print of a raw dict; the task pool's report of
+    every routed evaluation is labelled (routed_eval/<model>-<task>.json), none is left as report_<n>.json."""
+    proc = run_fusion_bench(["--config-dir", str(tiny_pool["config_dir"]), "method=tsv/tsv_compress",
+                             f"modelpool=CLIPVisionModelPool/{tiny_pool['name']}",
+                             f"taskpool=CLIPVisionModelTaskPool/{tiny_pool['name']}", "fabric.accelerator=cpu"],
+                            cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    log = proc.stdout + proc.stderr
+    assert "Failed to pretty print" not in log and "'layers':" not in log
+    block = summary_block(proc.stdout, "TSV-C")
+    out = run_dir(tmp_path)
+    report = json.loads((out / "program_report.json").read_text())
+    assert f"  average accuracy: {100 * report['average']['accuracy']:.2f}% over 2 tasks" in block
+    normalized = report["average"].get("normalized_accuracy")  # None where a fine-tuned accuracy is 0
+    assert any(line.startswith("  normalized accuracy: ") for line in block) == (normalized is not None)
+    assert sorted(p.name for p in out.glob("report*.json")) == []
+    assert sorted(p.name for p in (out / "routed_eval").iterdir()) == [
+        f"{model}-{task}.json" for model in ("finetuned", "tsv_c") for task in ("shade_a", "shade_b")]
+
+
+def test_cli_error_is_printed_once_and_last(tiny_pool, tmp_path):
+    proc = run_fusion_bench(["--config-dir", str(tiny_pool["config_dir"]), "method=tsv/tsv_merge", "method.rank=1000",
+                             f"modelpool=CLIPVisionModelPool/{tiny_pool['name']}",
+                             f"taskpool=CLIPVisionModelTaskPool/{tiny_pool['name']}", "fabric.accelerator=cpu"],
+                            cwd=tmp_path)
+    assert proc.returncode != 0
+    log = proc.stdout + proc.stderr
+    assert log.count("option 'rank'=1000 exceeds") == 1 and "summary:" not in log
+    tail = proc.stderr.rstrip().splitlines()[-3:]
+    assert any("option 'rank'=1000 exceeds" in line for line in tail), tail
+
+
+def test_empty_data_variable_means_the_default_root(tmp_path):
+    """FUSION_BENCH_TSV_DATA= (set, empty) resolves the benchmark's configs like an unset variable."""
+    import os
+
+    env = dict(os.environ, FUSION_BENCH_TSV_DATA="", HOME=str(tmp_path), HF_HUB_OFFLINE="1")
+    exe = Path(sys.executable).parent / "fusion_bench"
+    proc = subprocess.run([str(exe), "--cfg", "job", "--resolve", "method=tsv/tsv_merge",
+                           "modelpool=CLIPVisionModelPool/tiny_clip_8"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"_pretrained_: {tmp_path}/.cache/fusion_bench_tsv/tiny_clip/pretrained" in proc.stdout

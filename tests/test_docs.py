@@ -100,3 +100,33 @@ def test_layout_page_lists_every_module():
     missing = [str(p.relative_to(package)) for p in sorted(package.rglob("*.py"))
                if p.name != "__init__.py" and not re.search(rf"^\s+{re.escape(p.name)}\s", text, flags=re.M)]
     assert not missing, f"docs/layout.md does not list {missing}"
+
+
+def readme_python_block() -> str:
+    """The README's "From Python" code block, as the reader sees it."""
+    text = README.read_text()
+    section = text[text.index("## From Python\n"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    return code[:code.index("\n```")]
+
+
+def test_readme_python_block_runs_on_the_offline_benchmark(tmp_path, monkeypatch, capsys):
+    """The block runs as printed on a small build of the offline benchmark (the README names its tasks); every
+    `run` ends with its summary and nothing prints FusionBench's 'No fabric configuration' warning or a profiler table."""
+    from fusion_bench_tsv.benchmark.build import BuildSettings, build_benchmark
+
+    settings = BuildSettings(pretrain_steps=20, pretrain_batch=32, finetune_steps=15, finetune_batch=16,
+                             train_size=48, val_size=12, test_size=24)
+    build_benchmark(3, tmp_path / "data", settings, show_pbar=False)
+    monkeypatch.setenv("FUSION_BENCH_TSV_DATA", str(tmp_path / "data"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(readme_python_block(), "README.md (From Python)", "exec"), namespace)
+    out = capsys.readouterr()
+    printed = out.out + out.err
+    assert set(namespace["task_models"]) == {"shapes", "colors", "digits"}
+    assert namespace["M"].shape == namespace["theta_0"].shape
+    for method in ("TSV-M", "TSV-C", "STI"):
+        assert f"{method} summary:" in printed, printed[-3000:]
+    assert "No fabric configuration found" not in printed and "Profiler Report" not in printed
+    assert (tmp_path / "sti" / "sti.json").is_file() and (tmp_path / "tsv_c").is_dir()

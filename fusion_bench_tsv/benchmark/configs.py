@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_SUITE_DIR", "SUITE_SIZES", "clip_modelpool_config", "modelpo
 # resolved by OmegaConf when FusionBench composes the config. It is spelled out in every path: a helper key
 # (``suite_dir: ...`` referred to as ``${.suite_dir}``) would reach the pool's constructor, which warns
 # "Unused argument" for every key it does not know.
-DEFAULT_SUITE_DIR = "${oc.env:FUSION_BENCH_TSV_DATA,${oc.env:HOME}/.cache/fusion_bench_tsv}/tiny_clip"
+DEFAULT_SUITE_DIR = "${tsv_data_root:}/tiny_clip"
 SUITE_SIZES = (8, 14, 20)
 
 _HEADER = """\

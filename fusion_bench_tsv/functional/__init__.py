@@ -23,7 +23,7 @@ from .interference import (
     task_factors,
     truncate_factors,
 )
-from .merge import tsv_merge_factors, tsv_merge_matrix
+from .merge import merge_dtype, tsv_merge_factors, tsv_merge_matrix
 from .rank import (
     STORAGE_NOISE_FACTOR,
     coarsest_dtype,
@@ -86,6 +86,7 @@ __all__ = [
     "task_factors",
     "truncate_factors",
     "truncated_svd",
+    "merge_dtype",
     "tsv_merge_factors",
     "tsv_merge_matrix",
     "weight_rms",

@@ -37,7 +37,7 @@ __all__ = [
 SVD_METHODS = ("svd", "gram", "randomized")
 
 #: The default SVD method of TSV-M: of :func:`~.merge.tsv_merge_matrix`, :func:`~.merge.tsv_merge_factors` and
-#: the ``svd_method`` option (float64, exact to float32 round-off, fastest). The building blocks
+#: the ``svd_method`` option (factors and merge in float64: the float64 merge rounded to the input dtype; fastest). The building blocks
 #: :func:`truncated_svd` and :func:`orthogonalize` default to ``"svd"``, the reference they are checked against.
 DEFAULT_SVD_METHOD = "gram"
 
@@ -100,6 +100,7 @@ def truncated_svd(
     rank_revealing: bool = False,
     storage_dtype: Optional[torch.dtype] = None,
     weight_rms: Optional[float] = None,
+    factor_dtype: Optional[torch.dtype] = None,
 ) -> SVDFactors:
     r"""Top-``k`` singular triplets of a matrix: :math:`\Delta \approx U_k \Sigma_k V_k^\top`.
 
@@ -124,6 +125,8 @@ def truncated_svd(
             Off here (this is the plain top-k); the TSV functions built on it turn it on by default.
         storage_dtype, weight_rms: the dtype the checkpoints were stored in and the RMS of their
             weights (both or neither): adds the rounding-noise floor of the storage dtype to the threshold.
+        factor_dtype: the dtype of the returned factors (None: the input's). ``torch.float64`` returns the
+            ``"gram"`` path's float64 factors unrounded; the rank threshold is still that of the input's dtype.
 
     Returns:
         ``SVDFactors(U, S, Vh)`` with shapes ``(m, kᵢ)``, ``(kᵢ,)``, ``(kᵢ, n)``; ``kᵢ = k`` unless
@@ -136,9 +139,10 @@ def truncated_svd(
     check_svd_method(method)
     work = delta.to(compute_dtype(delta.dtype))
     kept = _rank_rule(delta.shape, work.dtype, rank_revealing, storage_dtype, weight_rms)
+    dtype = factor_dtype or delta.dtype
     out = None
     if method == "gram":
-        out = _top_k_gram(work, k, kept)
+        out = _top_k_gram(work, k, kept, dtype)
     elif method == "randomized":
         out = _top_k_randomized(work, k, oversample, niter, seed)
     if out is None:
@@ -148,8 +152,8 @@ def truncated_svd(
     k_i = kept(S) if kept is not None else k
     if k_i < S.numel():
         U, S, Vh = U[:, :k_i], S[:k_i], Vh[:k_i, :]
-    if U.dtype != delta.dtype:
-        U, S, Vh = U.to(delta.dtype), S.to(delta.dtype), Vh.to(delta.dtype)
+    if U.dtype != dtype:
+        U, S, Vh = U.to(dtype), S.to(dtype), Vh.to(dtype)
     return SVDFactors(U, S, Vh)
 
 
@@ -171,9 +175,10 @@ def _rank_rule(
 
 
 def _top_k_gram(
-    a: Tensor, k: int, kept: Optional[Callable[[Tensor], int]] = None
+    a: Tensor, k: int, kept: Optional[Callable[[Tensor], int]] = None, dtype: Optional[torch.dtype] = None
 ) -> Optional[tuple[Tensor, Tensor, Tensor]]:
-    r"""Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64.
+    r"""Top-k triplets from the eigendecomposition of the smaller Gram matrix, in float64, returned in
+    ``dtype`` (None: ``a``'s).
 
     ``kept(σ)``, if given, says how many of the top-k to keep (rank revealing). Returns None (the caller
     uses the SVD) when a kept singular value is too small for :math:`U = \Delta V \Sigma^{-1}` to be
@@ -191,7 +196,7 @@ def _top_k_gram(
     if s[0] <= 0 or s[-1] < 1e-6 * s[0]:
         return None
     u = (x @ q) / s
-    dtype = a.dtype
+    dtype = dtype or a.dtype
     if wide:  # a = (x)ᵀ = (U S Vᵀ)ᵀ = V S Uᵀ
         return q.to(dtype), s.to(dtype), u.T.to(dtype)
     return u.to(dtype), s.to(dtype), q.T.to(dtype)

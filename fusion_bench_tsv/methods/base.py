@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
+import time
 from collections import Counter
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Dict, List, Mapping, Optional, Sequence, Union
 
+import lightning as L
 import torch
 from torch import Tensor, nn
 
@@ -33,6 +36,7 @@ from ..io.modelpool import (as_modelpool, check_taskpool_paths, finetuned_model_
                             pool_input_paths)
 from ..io.outputs import output_dir
 from ..io.streaming import stored_dtype
+from .summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +71,35 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
     output_name: ClassVar[str] = "output"  # the directory ``save_path='{log_dir}'`` means inside the log dir
     default_save_path: ClassVar[Optional[str]] = None  # where outputs go without ``save_path``
     evaluated: ClassVar[bool] = True  # whether the program's task pool evaluates what ``run`` returns
+
+    @property
+    def fabric(self) -> L.Fabric:
+        """The program's Fabric; from Python, FusionBench's default (one device, launched) without its warning
+        that there is no fabric configuration."""
+        if self._fabric_instance is None:
+            self._fabric_instance = L.Fabric(devices=1)
+            self._fabric_instance.launch()
+        return self._fabric_instance
+
+    @fabric.setter
+    def fabric(self, instance: L.Fabric) -> None:
+        self._fabric_instance = instance
+
+    def start_run(self) -> None:
+        """Start the clock of the run's summary."""
+        self._started = time.perf_counter()
+
+    def finish_run(self, title: str, options: Mapping[str, Any], *, outputs: Optional[Mapping[str, Any]] = None,
+                   results: Optional[Mapping[str, str]] = None, scalars: Optional[Mapping[str, float]] = None,
+                   report: Optional[Mapping[str, Any]] = None) -> None:
+        """The profiler's table (with ``print_profile``) and the run's summary (:class:`~.summary.RunSummary`:
+        printed now from Python, at the end of the job in the CLI). ``outputs``: label -> path (None: left out)."""
+        if self.print_profile:
+            self.print_profile_summary(title)
+        RunSummary(self.method_name, dict(options), time.perf_counter() - getattr(self, "_started", time.perf_counter()),
+                   self.log_dir, {k: os.path.abspath(v) for k, v in (outputs or {}).items() if v is not None},
+                   dict(results or {}),
+                   dict(scalars or {}), report, self.fabric).finish()
 
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
@@ -107,12 +140,12 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
         return opening
 
     def log_shapes(self, opening: Opening) -> None:
-        """Log how many matrices of each shape there are, and their rank k per task."""
+        """Log, in one line, how many matrices of each shape there are and their rank k per task."""
         base, t = opening.base, opening.num_tasks
         counts = Counter((tuple(base[key].shape), opening.ranks[key]) for key in opening.matrix_keys)
-        for (shape, k), count in sorted(counts.items(), key=str):
-            share = "chosen per task" if k is None else f"{k} per task ({t * k} of rank {min(shape)})"
-            log.info(f"{self.method_name}: {count} matrices of shape {shape}: k={share}")
+        shares = [f"{count} × {shape}: " + ("chosen per task" if k is None else f"{k} ({t * k} of rank {min(shape)})")
+                  for (shape, k), count in sorted(counts.items(), key=str)]
+        log.info(f"{self.method_name}: k per task of the matrices: {'; '.join(shares)}")
 
     def output_path(self) -> Optional[Path]:
         """The directory ``save_path`` names (``{log_dir}`` alone: ``<log_dir>/<output_name>``), None when
@@ -195,10 +228,13 @@ def rank_report(
 
 
 def log_rank_report(method_name: str, report: Mapping[str, Any]) -> None:
-    """One log line per shape and k of :func:`rank_report`, e.g. ``TSV-M: 4 matrices of shape (64, 64), k=8:
-    kept 4/8 per task on 8 tasks (128 dropped; 4 rank-deficient)``, and the total."""
+    """The total, after one log line per shape and k of :func:`rank_report` where triplets were dropped or k was
+    chosen per task, e.g. ``TSV-M: 4 matrices of shape (64, 64), k=8: kept 4/8 per task on 8 tasks (128 dropped;
+    4 rank-deficient)``; every matrix's counts are in the report's file."""
     t = len(report["tasks"])
     for g in report["by_shape"]:
+        if g["k"] is not None and not g["dropped"]:
+            continue
         lo, hi = g["kept_min"], g["kept_max"]
         span = str(lo) if lo == hi else f"{lo}-{hi}"
         if g["k"] is None:

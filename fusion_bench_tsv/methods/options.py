@@ -258,6 +258,7 @@ OPTION_CHECKS: Dict[str, OptionCheck] = {
     "factor_dtype": OptionCheck("a floating-point torch dtype name or null", "float16", _dtype_name, optional=True),
     "max_memory_gb": OptionCheck("a positive number", "4.0", _positive),
     "show_pbar": _BOOL,
+    "print_profile": _BOOL,
     "lazy_loading": _BOOL,
     "save_tokenizer": _BOOL,
     "allow_missing_keys": _BOOL,

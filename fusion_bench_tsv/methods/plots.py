@@ -21,22 +21,30 @@ def per_layer_bars(
     title: str = "",
     ylabel: str = "",
     log_scale: bool = False,
+    lower: Optional[Mapping[str, Sequence[float]]] = None,
+    lower_ylabel: str = "",
 ) -> Figure:
-    """Grouped bar chart: one group per layer (x axis), one bar per series (legend)."""
-    n, m = len(labels), max(len(series), 1)
-    fig = Figure(figsize=(max(8.0, 0.28 * n * m), 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / m
+    """Grouped bar chart: one group per layer (x axis), one bar per series (legend). ``lower``: series drawn in
+    a second panel below on their own axis (log scale), e.g. values many orders of magnitude smaller that would
+    squeeze the others together on one axis."""
+    panels = [series] + ([lower] if lower else [])
+    n, m = len(labels), max(len(series) + len(lower or {}), 1)
+    fig = Figure(figsize=(max(8.0, 0.28 * n * m), 4.8 + 2.4 * (len(panels) - 1)), layout="constrained")
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False, height_ratios=[2] + [1] * (len(panels) - 1))[:, 0]
     x = np.arange(n)
-    for s, (name, values) in enumerate(series.items()):
-        ax.bar(x + (s - (m - 1) / 2) * width, np.asarray(values, dtype=float), width, label=name)
-    ax.set_xticks(x, labels, rotation=90, fontsize=7)
-    ax.set_xlim(-0.6, n - 0.4)
-    if log_scale:
-        ax.set_yscale("log", nonpositive="clip")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.grid(axis="y", alpha=0.3)
+    colors = iter(f"C{i}" for i in range(m))
+    for p, (ax, group) in enumerate(zip(axes, panels)):
+        k = len(group)
+        for s, (name, values) in enumerate(group.items()):
+            ax.bar(x + (s - (k - 1) / 2) * 0.8 / k, np.asarray(values, dtype=float), 0.8 / k, label=name,
+                   color=next(colors))
+        if log_scale if p == 0 else True:
+            ax.set_yscale("log", nonpositive="clip")
+        ax.set_ylabel(ylabel if p == 0 else lower_ylabel)
+        ax.grid(axis="y", alpha=0.3)
+    axes[-1].set_xticks(x, labels, rotation=90, fontsize=7)
+    axes[-1].set_xlim(-0.6, n - 0.4)
+    axes[0].set_title(title)
     fig.legend(loc="outside lower center", ncols=m, fontsize=8)
     return fig
 
@@ -51,7 +59,7 @@ def heatmap(
     fmt: str = "{:.3g}",
 ) -> Figure:
     """Square heatmap of a ``T × T`` matrix with ``labels`` on both axes; values are written in the
-    cells when ``annotate`` (default: when T <= 12). NaN cells (e.g. a masked diagonal) stay blank."""
+    cells when ``annotate`` (default: when T <= 20, smaller above 12). NaN cells (e.g. a masked diagonal) stay blank."""
     values = np.asarray(matrix, dtype=float)
     t = len(labels)
     size = max(4.5, 0.6 * t + 2.5)
@@ -62,14 +70,15 @@ def heatmap(
     ax.set_yticks(range(t), labels, fontsize=8)
     ax.set_title(title)
     fig.colorbar(image, ax=ax, label=colorbar_label)
-    if annotate if annotate is not None else t <= 12:
+    if annotate if annotate is not None else t <= 20:
         threshold = np.nanmin(values) + 0.5 * (np.nanmax(values) - np.nanmin(values))
         for i in range(t):
             for j in range(t):
                 if np.isnan(values[i, j]):
                     continue
                 color = "black" if values[i, j] > threshold else "white"
-                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7, color=color)
+                ax.text(j, i, fmt.format(values[i, j]), ha="center", va="center", fontsize=7 if t <= 12 else 5.5,
+                        color=color)
     return fig
 
 

@@ -30,7 +30,7 @@ __all__ = [
     "evaluate_on_task",
     "format_summary",
     "normalized_accuracy",
-    "print_summary",
+    "program_report",
     "routed_evaluation",
     "supports_routing",
     "taskpool_tasks",
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 REPORT_FILE = "tsv_compress_report.json"
+#: the task pool's own report of every routed evaluation, ``<model>-<task>.json`` (e.g. ``tsv_c-shapes.json``), in the log dir
+TASKPOOL_REPORTS_DIR = "routed_eval"
 
 
 def supports_routing(taskpool) -> bool:
@@ -55,10 +57,12 @@ def taskpool_tasks(taskpool) -> List[str]:
     return list(taskpool._test_datasets.keys())
 
 
-def evaluate_on_task(taskpool, model: nn.Module, task: str) -> Dict[str, Any]:
+def evaluate_on_task(taskpool, model: nn.Module, task: str, label: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``model`` on the test set of ``task`` only, with ``taskpool.evaluate``; its result for ``task``.
 
-    The task pool's other test sets are hidden for this call and restored afterwards, even on error.
+    The task pool's other test sets are hidden for this call and restored afterwards, even on error. The report
+    file the task pool writes into the log dir (``report.json``, ``report_1.json``, … when it has a logger) is
+    moved to ``routed_eval/<label>-<task>.json`` there (``label``: the model, e.g. ``tsv_c``; None: left as is).
     """
     if task not in taskpool_tasks(taskpool):
         raise KeyError(f"the task pool has no test set '{task}'; it has {taskpool_tasks(taskpool)}")
@@ -66,13 +70,26 @@ def evaluate_on_task(taskpool, model: nn.Module, task: str) -> Dict[str, Any]:
         taskpool.setup()
     loaders = taskpool.test_dataloaders
     taskpool.test_dataloaders = {task: loaders[task]}
+    log_dir = getattr(taskpool, "log_dir", None) if label is not None else None
+    before = _taskpool_reports(log_dir)
     try:
         report = taskpool.evaluate(model)
     finally:
         taskpool.test_dataloaders = loaders
+    new = sorted(set(_taskpool_reports(log_dir)) - set(before))
+    if new:
+        os.makedirs(os.path.join(log_dir, TASKPOOL_REPORTS_DIR), exist_ok=True)
+        os.replace(os.path.join(log_dir, new[-1]), os.path.join(log_dir, TASKPOOL_REPORTS_DIR, f"{label}-{task}.json"))
     if task not in report:
         raise RuntimeError(f"the task pool's report has no entry for task '{task}': {list(report)}")
     return dict(report[task])
+
+
+def _taskpool_reports(log_dir: Optional[str]) -> List[str]:
+    """The names of the report files FusionBench's task pools write into ``log_dir`` (``report*.json``)."""
+    if log_dir is None or not os.path.isdir(log_dir):
+        return []
+    return [n for n in os.listdir(log_dir) if n.startswith("report") and n.endswith(".json")]
 
 
 def normalized_accuracy(accuracy: float, finetuned_accuracy: Optional[float]) -> Optional[float]:
@@ -144,7 +161,7 @@ def routed_evaluation(
         with profile("rebuild model"):
             model = build_task_model(pretrained, task)
         with profile("evaluate"):
-            result = evaluate_on_task(taskpool, model, task.name)
+            result = evaluate_on_task(taskpool, model, task.name, "tsv_c")
         evaluations.append({"model": f"tsv_c:{task.name}", "task": task.name})
         del model
         entry = {"accuracy": result.get("accuracy"), "loss": result.get("loss")}
@@ -152,7 +169,7 @@ def routed_evaluation(
             with profile("load model"):
                 finetuned = load_model(modelpool, task.name, allow_missing_keys)
             with profile("evaluate"):
-                ft = evaluate_on_task(taskpool, finetuned, task.name)
+                ft = evaluate_on_task(taskpool, finetuned, task.name, "finetuned")
             evaluations.append({"model": f"finetuned:{task.name}", "task": task.name})
             del finetuned
             entry["finetuned_accuracy"] = ft.get("accuracy")
@@ -187,11 +204,14 @@ def write_report(log_dir: Optional[str], report: Mapping[str, Any]) -> Optional[
     return str(path)
 
 
-def print_summary(report: Mapping[str, Any], path: Optional[str]) -> None:
-    """Print the routed accuracies as a short table (printed, not logged: log formatting would wrap it)."""
-    lines = [format_summary(report, "TSV-C, routed evaluation (each task's compressed model on its own task):")]
-    if report["not_evaluated"]:
-        lines.append(f"not evaluated (no test set): {', '.join(report['not_evaluated'])}")
+def program_report(report: Mapping[str, Any], path: Optional[str]) -> Dict[str, Any]:
+    """What TSV-C returns to FusionBench's program, which prints it and saves it as ``program_report.json``: the
+    shape of a task pool's report (``{task: {accuracy, …}}``, ``average``), routed, plus the method and the full
+    report's path. The per-layer ranks, the storage and the evaluations list stay in the full report."""
+    out: Dict[str, Any] = {"method": report["method"], "routing": "oracle"}
+    for task, entry in report["tasks"].items():
+        out[task] = {k: v for k, v in entry.items() if v is not None}
+    out["average"] = dict(report["average"])
     if path is not None:
-        lines.append(f"full report: {os.path.abspath(path)}")
-    print("\n".join(lines), flush=True)
+        out["full_report"] = os.path.abspath(path)
+    return out

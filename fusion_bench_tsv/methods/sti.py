@@ -176,6 +176,7 @@ class STIAnalysis(TSVAlgorithmBase):
         device: where the linear algebra runs (None: the Fabric device).
         save_path: directory of the output files (None: ``<log_dir>/sti``).
         show_pbar: show progress bars.
+        print_profile: print the profiler's table of where the time went.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
         rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k (and full-rank) triplets.
 
@@ -196,6 +197,7 @@ class STIAnalysis(TSVAlgorithmBase):
         device: Optional[str] = None,
         save_path: Optional[str] = None,
         show_pbar: bool = True,
+        print_profile: bool = False,
         allow_missing_keys: bool = False,
         rank_revealing: bool = True,
         **kwargs,
@@ -210,6 +212,7 @@ class STIAnalysis(TSVAlgorithmBase):
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> None:
         """Analyse ``modelpool`` and write the results; returns ``None`` (nothing to evaluate)."""
+        self.start_run()
         modelpool = self.coerce_pool(modelpool)
         out_dir = self.output_path()  # refuses a save_path in use before anything is computed
         opening = self.open_pool(modelpool, "STI", minimum=2)
@@ -244,7 +247,14 @@ class STIAnalysis(TSVAlgorithmBase):
         self.fabric.log_dict({f"sti_total/{k}": v for k, v in self.results["totals"].items()}, step=0)
         log.info("STI totals: " + ", ".join(f"{k}={v:.6g}" for k, v in self.results["totals"].items()))
         self.write_outputs(out_dir, self.results)
-        self.print_profile_summary("STI profile")
+        totals = self.results["totals"]
+        shown = {"sti_normalized_mean": "STI / ||Σ||₁ at rank k, mean over layers",
+                 "sti_decorrelated_normalized_mean": "after TSV-M's decorrelation",
+                 "sti_full_normalized_mean": "at full rank", "cosine_mean": "mean pairwise cosine of the task vectors"}
+        k = f"{self.rank} per task" if self.rank is not None else "floor(min(m, n) / T)"
+        self.finish_run("STI profile", {"k": k, "T": len(names), "full_rank": self.full_rank},
+                        results={label: f"{totals[key]:.4g}" for key, label in shown.items() if key in totals},
+                        outputs={"results (sti.json, sti.csv, figures)": out_dir})
 
     def write_outputs(self, out_dir: Optional[Path], results: dict) -> None:
         """The output files (:func:`~.sti_report.write_files`), written together as one directory

@@ -53,7 +53,7 @@ from ..io.streaming import iter_finetuned_states
 from ..runtime.parallel import bounded_threads
 from .base import TSVAlgorithmBase, log_rank_report, rank_report, task_update
 from .options import float_dtype, validate_options
-from .routed_eval import print_summary, routed_evaluation, supports_routing, write_report
+from .routed_eval import format_summary, program_report, routed_evaluation, supports_routing, write_report
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         evaluate_finetuned: in routed evaluation, also evaluate each fine-tuned model.
         device: where the SVDs run (None: the Fabric device).
         show_pbar: show progress bars.
+        print_profile: print the profiler's table of where the time went.
         allow_missing_keys: accept checkpoints that lack parameters of the model (filled at random).
         rank_revealing: per task keep at most the numerical rank of Δᵢ of the top-k triplets.
     """
@@ -141,12 +142,14 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         evaluate_finetuned: bool = True,
         device: Optional[str] = None,
         show_pbar: bool = True,
+        print_profile: bool = False,
         allow_missing_keys: bool = False,
         rank_revealing: bool = True,
         **kwargs,
     ):
         super().__init__(**validate_options(self, kwargs))
         check_rank_options(fraction=self.fraction, rank=self.rank, energy=self.energy)
+        self.report: Optional[Dict[str, Any]] = None  # the full routed report (tsv_compress_report.json)
 
     def layer_ranks(self, base: Mapping[str, Tensor], keys: List[str], num_tasks: int) -> Dict[str, Optional[int]]:
         """k of every matrix from ``fraction``/``rank``/the default; None for each with ``energy``."""
@@ -207,7 +210,9 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
 
     @torch.no_grad()
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]):
-        """Compress, optionally save, then evaluate (routed) or return ``{task: θ₀ + Δ̂ᵢ}``."""
+        """Compress, optionally save, then evaluate (routed: the accuracies, in the shape of a task pool's report;
+        the full report in :attr:`report`) or return ``{task: θ₀ + Δ̂ᵢ}``."""
+        self.start_run()
         modelpool = self.coerce_pool(modelpool)
         checkpoint = self.output_path()  # refuses a save_path in use before anything is computed
         pretrained, tasks, storage = self.compress(modelpool)
@@ -226,16 +231,28 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
             report.update(storage=storage, rank_choice=rank_choice, checkpoint=None if checkpoint is None else str(checkpoint),
                           ranks=ranks)
             path = write_report(self.log_dir, report)
-            self.print_profile_summary("TSV-C profile")
-            print_summary(report, path)
-            return report
+            self.report = report
+            routed = program_report(report, path)
+            results = {"not evaluated (no test set)": ", ".join(report["not_evaluated"])} if report["not_evaluated"] else {}
+            self._finish(tasks, storage, checkpoint, path, results, routed)
+            return routed
         if self.routed_eval and taskpool is not None:
             log.warning(
                 f"TSV-C: task pool {type(taskpool).__name__} has no per-task test sets: no routed evaluation; "
                 "returning one model per task (the program evaluates each on every task)"
             )
-        self.print_profile_summary("TSV-C profile")
+        self._finish(tasks, storage, checkpoint, None, {"evaluation": "none routed: one model per task returned"}, None)
         return {t.name: build_task_model(pretrained, t) for t in tasks}
+
+    def _finish(self, tasks, storage: Mapping[str, Any], checkpoint, report_path: Optional[str],
+                results: Dict[str, str], routed: Optional[Dict[str, Any]]) -> None:
+        """The run's summary: the rank choice, T, the storage, the routed accuracies; the outputs."""
+        choice = {k: v for k, v in self.rank_choice(len(tasks)).items() if k not in ("mode", "rule")}
+        results = {"storage": _storage_line(storage), **results}
+        if routed is not None and getattr(self, "_program", None) is None:  # from Python; the CLI's program prints the report itself
+            print(format_summary(self.report, "TSV-C, routed evaluation (each task's compressed model on its own task):"))
+        self.finish_run("TSV-C profile", {**choice, "T": len(tasks)}, report=routed, results=results,
+                        outputs={"compressed checkpoint": checkpoint, "full report": report_path})
 
     def _factor_dtype(self) -> Optional[torch.dtype]:
         return float_dtype(self.factor_dtype) if self.factor_dtype is not None else None
@@ -247,3 +264,10 @@ def _base_model_name(modelpool: BaseModelPool) -> str:
         return modelpool.get_model_path("_pretrained_")
     except Exception:  # a pool of instances or of configs: no single path
         return "_pretrained_"
+
+
+def _storage_line(storage: Mapping[str, Any]) -> str:
+    """The storage in one short line (the full accounting is logged and in the report)."""
+    return (f"{storage['stored']['bytes'] / 2**20:.1f} MiB for all {storage['num_tasks']} tasks, "
+            f"{storage['stored_over_full_task_vectors']:.3f} of the full task vectors, "
+            f"{storage['stored_over_one_model']:.2f} models")

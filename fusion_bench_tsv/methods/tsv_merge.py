@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from fusion_bench import BaseModelPool
 from fusion_bench.mixins import auto_register_config
 
-from ..functional import DEFAULT_SVD_METHOD, compute_dtype
+from ..functional import DEFAULT_SVD_METHOD, merge_dtype
 from ..io.hf_checkpoint import save_hf_model
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
 from ..io.streaming import iter_finetuned_states, open_lazy_states
@@ -85,6 +85,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         rank: per-task rank k of every matrix (None: floor(min(m, n) / T), at least 1).
         device: where the linear algebra runs (None: the Fabric device).
         show_pbar: show progress bars.
+        print_profile: print the profiler's table of where the time went.
         svd_method: how each task's top-k triplets are computed: ``gram``, ``svd`` or ``randomized``.
         lazy_loading: read local safetensors checkpoints tensor by tensor (layer by layer when all can be).
         save_path: directory for the merged model in Hugging Face format (None: not saved).
@@ -110,6 +111,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         rank: Optional[int] = None,
         device: Optional[str] = None,
         show_pbar: bool = True,
+        print_profile: bool = False,
         svd_method: str = DEFAULT_SVD_METHOD,
         lazy_loading: bool = True,
         save_path: Optional[str] = None,
@@ -129,6 +131,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
     def run(self, modelpool: Union[BaseModelPool, Dict[str, nn.Module]]) -> Optional[nn.Module]:
         """Merge the fine-tuned models of ``modelpool`` into one model and return it (on rank 0; other
         ranks of a multi-process Fabric run return None)."""
+        self.start_run()
         modelpool = self.coerce_pool(modelpool)
         self.output_path()  # refuses a save_path in use before anything is computed
         validation = open_alpha_grid(self.alpha_grid, self.validation_taskpool, self.alpha, self.fabric, self.log_dir)
@@ -161,29 +164,52 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
                 send_to_rank_zero(self.fabric, {k: torch.tensor(v) for k, v in merge.kept.items()},
                                   lambda key, value: merge.kept.__setitem__(key, value.tolist()))
         if rank != 0:
-            self.print_profile_summary("TSV-M profile")
+            if self.print_profile:
+                self.print_profile_summary("TSV-M profile")
             return None
         kept = {key: merge.kept[key] for key in keys if key in merge.kept}  # in model order
-        self.save_rank_report(rank_report(opening.names, {k: base[k].shape for k in kept}, opening.ranks, kept,
-                                          self.rank_revealing), RANK_REPORT_FILE)
-        if self.alpha_grid:
-            self._choose_alpha(opening.pretrained, updates, task_scales, *validation)
-        self.print_profile_summary("TSV-M profile")
+        ranks_file = self.save_rank_report(rank_report(opening.names, {k: base[k].shape for k in kept}, opening.ranks,
+                                                       kept, self.rank_revealing), RANK_REPORT_FILE)
+        grid_dir = self._choose_alpha(opening.pretrained, updates, task_scales, *validation) if self.alpha_grid else None
+        saved = None
         if self.save_path is not None:
             with self.profile("save"):
-                self.save(opening.pretrained, modelpool)
+                saved = self.save(opening.pretrained, modelpool)
+        self._finish(opening, ranks_file, grid_dir, saved)
         return opening.pretrained
+
+    def _finish(self, opening: Opening, ranks_file: Optional[Path], grid_dir: Optional[Path], saved: Optional[str]):
+        """The run's summary: α (chosen or given), k, T, the SVD method; the outputs; α to TensorBoard."""
+        alpha: Any = self.alpha
+        results, scalars = {}, {}
+        if self.alpha_grid_results is not None:
+            best = self.alpha_grid_results["best"]
+            alpha = best["alpha"]
+            results["alpha chosen on validation"] = (f"{best['alpha']:g} of {list(self.alpha_grid)} "
+                                                     f"(validation accuracy {100 * best['accuracy']:.2f}%)")
+        if not isinstance(alpha, (list, tuple)):
+            scalars["alpha"] = float(alpha)
+        k = f"{self.rank} per task" if self.rank is not None else "floor(min(m, n) / T)"
+        outputs = {"merged model (method.save_path)": saved, "alpha grid": grid_dir, "kept ranks per layer": ranks_file}
+        self.finish_run("TSV-M profile", {"alpha": alpha, "k": k, "T": opening.num_tasks, "svd_method": self.svd_method},
+                        outputs=outputs, results=results, scalars=scalars)
 
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
         """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
         tokenizer = None
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()
-        return str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
+        path = str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
+        program = getattr(self, "_program", None)
+        if program is not None and getattr(program, "merged_model_save_path", None) is None:
+            log.info("TSV-M: saved by method.save_path; FusionBench's own merged_model_save_path is not set, so its "
+                     "program's next line ('No save path specified ... Skipping saving.') is about that option only")
+        return path
 
     def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
-                      out_dir: Optional[Path]) -> None:
-        """Evaluate the alpha grid on the validation task pool, leave ``model`` at the best alpha, write the curve."""
+                      out_dir: Optional[Path]) -> Optional[Path]:
+        """Evaluate the alpha grid on the validation task pool, leave ``model`` at the best alpha, write the curve
+        (its directory returned)."""
         scales = task_scales if isinstance(self.alpha, (list, tuple)) else None
         self.alpha_grid_results = run_alpha_grid(model, updates, self.alpha_grid, taskpool, task_scales=scales,
                                                  profile=self.profile)
@@ -191,15 +217,15 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         best = self.alpha_grid_results["best"]
         self.fabric.log_dict({"alpha_grid/best_alpha": best["alpha"], "alpha_grid/best_accuracy": best["accuracy"]})
         with self.profile("write outputs"):
-            write_outputs(out_dir, self.alpha_grid_results)
+            return write_outputs(out_dir, self.alpha_grid_results)
 
     def _log_setup(self, opening: Opening) -> None:
         base, matrix_keys, num_tasks = opening.base, opening.matrix_keys, opening.num_tasks
         dtypes = sorted({str(base[k].dtype) for k in matrix_keys + opening.other_keys})
-        computed = sorted({str(compute_dtype(base[k].dtype)) for k in matrix_keys})
+        computed = sorted({str(merge_dtype(base[k].dtype, self.svd_method)) for k in matrix_keys})
         log.info(
             f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
-            f"(computed in {', '.join(computed) or '-'}); {len(matrix_keys)} matrices decomposed, "
+            f"(matrices merged in {', '.join(computed) or '-'}, svd_method={self.svd_method}); {len(matrix_keys)} matrices decomposed, "
             f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
             + (f", alpha_grid={self.alpha_grid}" if self.alpha_grid else "")
         )

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from ..functional import (
     SVDFactors,
     compute_dtype,
-    orthogonalization_method,
+    merge_dtype,
     rank_options,
     truncated_svd,
     tsv_merge_factors,
@@ -67,7 +67,6 @@ class ParameterMerge:
     ):
         self.ranks, self.task_scales, self.final_scale = ranks, list(task_scales), final_scale
         self.num_tasks, self.device, self.method, self.timer = len(self.task_scales), device, svd_method, timer
-        self.gram = orthogonalization_method(svd_method) == "gram"
         self.theta_rms = theta_rms
         #: matrix key -> the number of task i's triplets that entered the merge (σ ≠ 0), for each task i
         self.kept: Dict[str, List[int]] = {}
@@ -75,11 +74,7 @@ class ParameterMerge:
 
     def theta0_work(self, key: str, theta0: Tensor) -> Tensor:
         """θ₀[key] on the compute device in the dtype its task updates are computed in."""
-        work = compute_dtype(theta0.dtype)
-        if key in self.ranks and self.gram:
-            # the Gram paths keep the factors in float64: UᵀU is ill-conditioned when Tk ≈ r,
-            # and float32 factors would lose cond(U)·eps32 in U (UᵀU)^(-1/2)
-            work = torch.float64
+        work = merge_dtype(theta0.dtype, self.method) if key in self.ranks else compute_dtype(theta0.dtype)
         return theta0.to(self.device, work)
 
     def task_part(self, key: str, theta0: Tensor, value: Tensor, i: int, storage_dtypes: Sequence[torch.dtype]):

@@ -8,7 +8,8 @@ It also makes Hydra's error for an unknown config (``method=tsv/tsv_merg``) sugg
 list ours, which Hydra leaves out (it lists only the configs directly in ``method/``, not ``method/tsv/``).
 It imports neither FusionBench nor our algorithms (Hydra loads every plugin for every app); it applies
 :func:`fusion_bench_tsv.compat.ensure_typing_override` so that FusionBench's OpenCLIP pools import on
-Python < 3.12 in the ``fusion_bench`` CLI.
+Python < 3.12 in the ``fusion_bench`` CLI, and registers the ``${tsv_data_root:}`` resolver of the offline
+benchmark's configs (:func:`fusion_bench_tsv.io.paths.data_root`).
 """
 
 import sys
@@ -126,8 +127,10 @@ except (ImportError, AttributeError):  # another Hydra: its own message stays
 
 try:
     from fusion_bench_tsv.compat import ensure_typing_override
+    from fusion_bench_tsv.io.paths import register_data_root_resolver
 
     ensure_typing_override()
+    register_data_root_resolver()  # ${tsv_data_root:} of the offline benchmark's configs
 except ImportError:  # the plugin outlived an uninstalled package
     pass
 

@@ -39,6 +39,19 @@ def test_tsv_merge_matrix_matches_float64_oracle(num_tasks, shape):
     assert_merge_matrix(got, deltas, k, torch.float64, gram=DEFAULT_SVD_METHOD == "gram")
 
 
+@pytest.mark.parametrize("num_tasks", [2, 3, 5, 8, 13, 20])
+@pytest.mark.parametrize("shape", [(64, 64), (96, 48), (48, 96)])
+def test_default_merge_of_float32_updates_is_the_float64_merge_rounded(num_tasks, shape):
+    """The default (Gram) path keeps the factors in float64 (merge_dtype), so on float32 updates its result is
+    the float64 merge of those updates rounded to float32: within the float64 merge bound plus ε₃₂/2·|Mᵢⱼ|."""
+    gen = torch.Generator().manual_seed(num_tasks * 1000 + shape[0])
+    deltas32 = [torch.randn(*shape, generator=gen) for _ in range(num_tasks)]
+    got = tsv_merge_matrix(deltas32)
+    assert got.dtype == torch.float32
+    k = default_rank(shape, num_tasks)
+    assert_merge_matrix(got, [d.double() for d in deltas32], k, torch.float64, gram=True, what="float32 updates")
+
+
 def test_tsv_merge_matrix_float32_close_to_float64():
     deltas64 = low_rank_deltas(5, 48, 32, rank=8, seed=3)
     got = tsv_merge_matrix([d.float() for d in deltas64], k=4)

@@ -41,7 +41,7 @@ def test_opening_copies_the_callers_model_splits_keys_and_logs_ranks(cls, caplog
     assert torch.equal(opening.base["weight"], pool["_pretrained_"].weight)
     assert (opening.names, opening.matrix_keys, opening.other_keys) == (["a", "b"], ["weight"], ["bias"])
     assert opening.ranks == {"weight": 3} and opening.device == torch.device("cpu")
-    expected = f"{algorithm.method_name}: 1 matrices of shape (12, 16): k=3 per task (6 of rank 12)"
+    expected = f"{algorithm.method_name}: k per task of the matrices: 1 × (12, 16): 3 (6 of rank 12)"
     assert expected in caplog.messages, caplog.messages
 
 

@@ -353,7 +353,9 @@ def test_routed_evaluation_open_clip_taskpool(monkeypatch):
     taskpool.evaluate = counting_evaluate
     algo = TSVCompressAlgorithm(show_pbar=False, device="cpu")
     algo._program = SimpleNamespace(taskpool=taskpool)
-    report = algo.run(dict(pool))
+    routed = algo.run(dict(pool))
+    report = algo.report
+    assert routed["average"] == report["average"] and routed["shade_a"] == report["tasks"]["shade_a"]
 
     assert calls == [["shade_a"]] * 2 + [["shade_b"]] * 2  # compressed + fine-tuned, each on its own task
     assert sorted(taskpool.test_dataloaders) == ["shade_a", "shade_b"]  # restored
@@ -397,19 +399,21 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     (log_dir,) = list((tmp_path / "outputs" / "fabric_model_fusion").iterdir())
-    report = json.loads((log_dir / "program_report.json").read_text())
-    assert report == json.loads((log_dir / "tsv_compress_report.json").read_text())
+    routed = json.loads((log_dir / "program_report.json").read_text())  # a task pool's report, routed
+    report = json.loads((log_dir / "tsv_compress_report.json").read_text())  # everything
+    assert routed["average"] == report["average"]
+    assert {t: routed[t] for t in report["tasks"]} == {t: {k: v for k, v in e.items() if v is not None}
+                                                       for t, e in report["tasks"].items()}
     assert sorted(report["tasks"]) == ["shade_a", "shade_b"]
     assert report["not_evaluated"] == [t for t in tiny_pool["tasks"] if t not in ("shade_a", "shade_b")]
     models = [e["model"] for e in report["evaluations"]]
     assert sorted(models) == ["finetuned:shade_a", "finetuned:shade_b", "tsv_c:shade_a", "tsv_c:shade_b"]
-    # FusionBench's task pool writes one report per evaluate() call: 4 calls, each on one task only
-    # in call order: report.json, report_1.json, ... (the task pool numbers each new file)
-    pool_reports = [json.loads((log_dir / f"report{'_%d' % i if i else ''}.json").read_text()) for i in range(4)]
-    assert not (log_dir / "report_4.json").exists()
-    assert sorted(next(k for k in r if k not in ("model_info", "average")) for r in pool_reports) == [
-        "shade_a", "shade_a", "shade_b", "shade_b"
-    ]
+    # FusionBench's task pool writes one report per evaluate() call: 4 calls, each on one task only, each
+    # moved to routed_eval/<model>-<task>.json; none left as report.json, report_1.json, ...
+    assert not list(log_dir.glob("report*.json"))
+    pool_reports = [json.loads((log_dir / "routed_eval" / f"{m.replace(':', '-')}.json").read_text()) for m in models]
+    assert [next(k for k in r if k not in ("model_info", "average")) for r in pool_reports] == [
+        m.split(":")[1] for m in models]
     assert all(len([k for k in r if k not in ("model_info", "average")]) == 1 for r in pool_reports)
     # normalized accuracy from the task pool's own report files (one per evaluate() call, in call order),
     # not from the method's report: acc / ft, undefined (None) where the fine-tuned accuracy is 0
@@ -426,14 +430,8 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     assert manifest["storage"] == report["storage"]
     assert manifest["rank_choice"]["mode"] == "default"
     assert "TSV-C storage, T=8" in proc.stdout + proc.stderr
-    # the printed summary: one row per task and the average, percentages rounded to one decimal (the JSON keeps
-    # full precision); "-" where normalized accuracy is undefined (fine-tuned accuracy 0)
+    # the closing summary: the routed average (percent, two decimals; the JSON keeps full precision), the report
     lines = proc.stdout.splitlines()
-    assert "task       accuracy  fine-tuned  normalized" in lines
-    for name in ("shade_a", "shade_b", "average"):
-        e = report["tasks"].get(name, report["average"])
-        cells = [f"{100 * e[k]:.1f}%" if e.get(k) is not None else "-"
-                 for k in ("accuracy", "finetuned_accuracy", "normalized_accuracy")]
-        assert f"{name:<7}" + "".join(f"  {c:>10}" for c in cells) in lines, (name, e)
-    assert f"full report: {log_dir / 'tsv_compress_report.json'}" in lines
+    assert f"  average accuracy: {100 * report['average']['accuracy']:.2f}% over 2 tasks" in lines
+    assert f"  full report: {log_dir / 'tsv_compress_report.json'}" in lines
     assert "TSV-C routed: average {" not in proc.stdout + proc.stderr  # the former unrounded dict

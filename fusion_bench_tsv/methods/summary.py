@@ -1,0 +1,158 @@
+"""The short summary every run ends with: method, the options that matter, average accuracy, time, outputs.
+
+From Python, :meth:`RunSummary.finish` prints the method's summary when ``run`` returns (no accuracy: nothing
+was evaluated yet). In the ``fusion_bench`` CLI, FusionBench's program evaluates the returned model after
+``run`` returns, so the summary is deferred to the end of the Hydra job: every method config includes
+``config/tsv/cli.yaml``, which registers :class:`RunSummaryCallback` (a Hydra callback, ``hydra.callbacks``).
+Its ``on_job_end`` reads the program's report (``program_report.json``), logs the accuracies as TensorBoard
+scalars through the method's Fabric logger, and prints the summary: the last lines of a successful run. A
+failed job prints nothing here, so its error stays the last thing printed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional
+
+from hydra.core.utils import JobReturn, JobStatus
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+__all__ = ["RunSummary", "RunSummaryCallback", "average_accuracy", "task_accuracies"]
+
+#: summaries of the current CLI job, printed at its end by :class:`RunSummaryCallback`
+_PENDING: List["RunSummary"] = []
+_IN_CLI_JOB = [False]
+
+
+def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
+    """``{task: accuracy}`` of a FusionBench task pool report (every entry with an ``accuracy`` but ``average``)."""
+    return {task: float(entry["accuracy"]) for task, entry in report.items()
+            if task != "average" and isinstance(entry, Mapping) and entry.get("accuracy") is not None}
+
+
+def average_accuracy(report: Mapping[str, Any]) -> Optional[float]:
+    """The report's ``average.accuracy`` (FusionBench's mean over tasks), or None."""
+    average = report.get("average")
+    return float(average["accuracy"]) if isinstance(average, Mapping) and "accuracy" in average else None
+
+
+@dataclass
+class RunSummary:
+    """What a run did, in a few lines; ``scalars`` also go to TensorBoard (``<method>/<name>``)."""
+
+    method: str  # e.g. "TSV-M"
+    options: Dict[str, Any]  # the options that matter, as shown
+    seconds: float  # the method's own time (``run``)
+    log_dir: Optional[str] = None
+    outputs: Dict[str, str] = field(default_factory=dict)  # label -> path
+    results: Dict[str, str] = field(default_factory=dict)  # label -> value, already formatted
+    scalars: Dict[str, float] = field(default_factory=dict)
+    report: Optional[Mapping[str, Any]] = None  # the method's own evaluation (TSV-C's routed one), if any
+    fabric: Any = None
+
+    def lines(self, report: Optional[Mapping[str, Any]] = None) -> List[str]:
+        """The summary; with the program's ``report``, its average accuracy first (and the normalized one when
+        the report has the fine-tuned accuracies: the mean over tasks of accuracy / fine-tuned accuracy)."""
+        options = ", ".join(f"{k}={v}" for k, v in self.options.items())
+        lines = [f"{self.method} summary: {options}"]
+        results = dict(self.results)
+        report = report if report is not None else self.report
+        if report is not None:
+            average, tasks = average_accuracy(report), task_accuracies(report)
+            normalized = (report.get("average") or {}).get("normalized_accuracy")
+            first = {}
+            if average is not None:
+                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} task{'s' * (len(tasks) != 1)}"
+            if normalized is not None:
+                first["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
+            results = {**first, **results}
+        lines += [f"  {label}: {value}" for label, value in results.items()]
+        lines.append(f"  time: {self.seconds:.1f} s ({self.method}'s run)")
+        outputs = dict(self.outputs)
+        if self.log_dir is not None:
+            outputs = {"run directory": os.path.abspath(self.log_dir), **outputs}
+        lines += [f"  {label}: {path}" for label, path in outputs.items()]
+        return lines
+
+    def log_scalars(self, report: Optional[Mapping[str, Any]] = None) -> None:
+        """The scalars, and the report's average and per-task accuracies, to the Fabric loggers (TensorBoard)."""
+        if self.fabric is None or not self.fabric.loggers:
+            return
+        prefix = self.method.lower().replace("-", "_")
+        values = {f"{prefix}/{k}": v for k, v in self.scalars.items()}
+        report = report if report is not None else self.report
+        if report is not None:
+            average = average_accuracy(report)
+            if average is not None:
+                values[f"{prefix}/average_accuracy"] = average
+            normalized = (report.get("average") or {}).get("normalized_accuracy")
+            if normalized is not None:
+                values[f"{prefix}/normalized_accuracy"] = normalized
+            values.update({f"{prefix}/accuracy/{task}": acc for task, acc in task_accuracies(report).items()})
+        if values:
+            self.fabric.log_dict(values, step=0)
+        for logger in self.fabric.loggers:
+            logger.save()
+
+    def finish(self) -> None:
+        """End of ``run``: print now (Python), or leave it for :class:`RunSummaryCallback` (CLI)."""
+        if _IN_CLI_JOB[0]:
+            _PENDING.append(self)
+            return
+        self.log_scalars()
+        print("\n".join(self.lines()), flush=True)
+
+
+class RunSummaryCallback(Callback):
+    """Hydra callback of the ``fusion_bench`` CLI (``config/tsv/cli.yaml``): prints the run's summary with the
+    program's evaluation as the job's last lines, and logs the accuracies to TensorBoard.
+
+    ``print_function_call``: whether FusionBench prints its "Instantiate by calling" box for every object it
+    builds (the program, Fabric, the pools, the method, each dataset), set for the job through FusionBench's
+    :func:`~fusion_bench.utils.instantiate_utils.set_print_function_call_permeanent`. FusionBench's own
+    ``print_function_call=false`` has no effect in 0.2.33: the program assigns it to ``RuntimeConstants``'
+    class, replacing the property whose setter calls a context manager without entering it.
+    """
+
+    def __init__(self, print_function_call: bool = False):
+        self.print_function_call = print_function_call
+        self._previous: Optional[bool] = None
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from fusion_bench.utils import instantiate_utils
+
+        _IN_CLI_JOB[0] = True
+        _PENDING.clear()
+        self._previous = instantiate_utils.PRINT_FUNCTION_CALL
+        instantiate_utils.set_print_function_call_permeanent(self.print_function_call)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        from fusion_bench.utils import instantiate_utils
+
+        _IN_CLI_JOB[0] = False
+        if self._previous is not None:
+            instantiate_utils.set_print_function_call_permeanent(self._previous)
+        summaries = list(_PENDING)
+        _PENDING.clear()
+        if job_return.status != JobStatus.COMPLETED:
+            return  # the error is the last thing printed
+        for summary in summaries:
+            report = _program_report(config.get("report_save_path"), summary.log_dir)
+            summary.log_scalars(report)
+            print("\n".join(summary.lines(report)), flush=True)
+
+
+def _program_report(report_save_path: Optional[str], log_dir: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The program's saved report (``report_save_path``, ``{log_dir}`` filled in), or None when there is none."""
+    if not report_save_path or ("{log_dir}" in report_save_path and log_dir is None):
+        return None
+    path = report_save_path.format(log_dir=log_dir) if "{log_dir}" in report_save_path else report_save_path
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return report if isinstance(report, dict) else None
