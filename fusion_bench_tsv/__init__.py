@@ -8,7 +8,7 @@ from importlib import import_module
 from typing import Any
 
 from .compat import ensure_typing_override
-from .io.paths import register_data_root_resolver
+from .benchmark.data_root import register_data_root_resolver
 
 ensure_typing_override()
 register_data_root_resolver()  # ${tsv_data_root:} of the offline benchmark's configs, also for OmegaConf.load

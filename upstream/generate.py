@@ -72,6 +72,7 @@ PLACEMENT: Dict[str, Union[str, Skip]] = {
     "fusion_bench_tsv/runtime/": "fusion_bench/method/tsv/runtime/",
     "fusion_bench_tsv/methods/": "fusion_bench/method/tsv/methods/",
     "config/method/tsv/": "config/method/tsv/",
+    "config/tsv/": "config/tsv/",  # the run summary callback the method configs include
     # --- written for the PR (FusionBench's unittest style, its docs); rewritten like the package
     "upstream/src/tests/test_tsv.py": "tests/test_tsv.py",
     "upstream/src/docs/algorithms/tsv.md": "docs/algorithms/tsv.md",
@@ -81,6 +82,7 @@ PLACEMENT: Dict[str, Union[str, Skip]] = {
         "those modules, not in this method"
     ),
     "fusion_bench_tsv/benchmark/": Skip("the offline tiny-CLIP benchmark (models and data built locally)"),
+    "fusion_bench_tsv/compare/": Skip("the plugin's comparison command (tables and plots runs, runs baselines)"),
     "config/modelpool/": Skip("pools of the offline tiny-CLIP benchmark"),
     "config/taskpool/": Skip("task pools of the offline tiny-CLIP benchmark"),
     # --- validation task pools of the TALL suites (TSV-M's alpha_grid) and the val splits they need

@@ -9,7 +9,7 @@ list ours, which Hydra leaves out (it lists only the configs directly in ``metho
 It imports neither FusionBench nor our algorithms (Hydra loads every plugin for every app); it applies
 :func:`fusion_bench_tsv.compat.ensure_typing_override` so that FusionBench's OpenCLIP pools import on
 Python < 3.12 in the ``fusion_bench`` CLI, and registers the ``${tsv_data_root:}`` resolver of the offline
-benchmark's configs (:func:`fusion_bench_tsv.io.paths.data_root`).
+benchmark's configs (:func:`fusion_bench_tsv.benchmark.data_root.data_root`).
 """
 
 import sys
@@ -127,7 +127,7 @@ except (ImportError, AttributeError):  # another Hydra: its own message stays
 
 try:
     from fusion_bench_tsv.compat import ensure_typing_override
-    from fusion_bench_tsv.io.paths import register_data_root_resolver
+    from fusion_bench_tsv.benchmark.data_root import register_data_root_resolver
 
     ensure_typing_override()
     register_data_root_resolver()  # ${tsv_data_root:} of the offline benchmark's configs
