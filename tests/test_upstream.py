@@ -200,7 +200,7 @@ def _run_tests(tree: Path, pattern: str) -> dict:
 def test_series_applies_to_fusion_bench_0_2_33_and_its_tests_pass(tmp_path):
     """Each pull request, in order, applies to the installed fusion-bench 0.2.33 in the sdist's layout; the tests it
     adds fail before it (they test its change) and pass after it."""
-    installed = Path(importlib.util.find_spec("fusion_bench").origin).parent
+    installed = generate.installed_fusion_bench()
     tree = tmp_path / "fusion_bench_repo"
     shutil.copytree(installed, tree / "fusion_bench", ignore=shutil.ignore_patterns("__pycache__"))
     (tree / "tests").mkdir()

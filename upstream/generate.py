@@ -27,7 +27,6 @@ import ast
 import difflib
 import hashlib
 import importlib.metadata
-import importlib.util
 import re
 import subprocess
 import sys
@@ -626,6 +625,18 @@ def git_blob_id(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
 
+def installed_fusion_bench() -> Path:
+    """The directory of the installed ``fusion_bench`` package, from its distribution's metadata (an imported
+    ``fusion_bench`` may be a lazy module without ``__spec__``, so ``importlib.util.find_spec`` is not used)."""
+    try:
+        init = Path(importlib.metadata.distribution("fusion-bench").locate_file("fusion_bench/__init__.py"))
+    except importlib.metadata.PackageNotFoundError:
+        init = None
+    if init is None or not init.is_file():
+        raise GenerationError(f"fusion_bench is not installed: pip install fusion-bench=={FUSION_BENCH_VERSION}")
+    return init.parent
+
+
 def main_file(path: str) -> Optional[str]:
     """FusionBench's ``path`` at MAIN_COMMIT (``None``: main has no such file), read from the installed package."""
     if path not in MAIN_BLOBS:
@@ -634,10 +645,7 @@ def main_file(path: str) -> Optional[str]:
     blob = MAIN_BLOBS[path]
     if blob is None:
         return None
-    spec = importlib.util.find_spec("fusion_bench")
-    if spec is None or spec.origin is None:
-        raise GenerationError(f"fusion_bench is not installed: pip install fusion-bench=={FUSION_BENCH_VERSION}")
-    installed = Path(spec.origin).parent.parent / re.sub(r"^config/", "fusion_bench_config/", path)
+    installed = installed_fusion_bench().parent / re.sub(r"^config/", "fusion_bench_config/", path)
     if not installed.is_file():
         raise GenerationError(f"{path} is not part of the installed fusion_bench; the series can only edit its files")
     data = installed.read_bytes()
