@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The README's demo: install into ./.venv (.ci/install, as .ci/run does), build or reuse the offline 8-task
-# tiny-CLIP benchmark, merge it with TSV-M through the fusion_bench CLI, evaluate it, and print the result beside
-# FusionBench's baselines measured on the same benchmark (benchmarks/results/tiny_clip.json).
-# The build goes to $FUSION_BENCH_TSV_DATA/tiny_clip (default ~/.cache/fusion_bench_tsv/tiny_clip).
+# small_clip benchmark (fine-tuned from the backbone the package ships), merge it with TSV-M through the
+# fusion_bench CLI, evaluate it, and print the result beside FusionBench's baselines measured on the same
+# benchmark (benchmarks/results/small_clip.json).
+# The build goes to $FUSION_BENCH_TSV_DATA/small_clip (default ~/.cache/fusion_bench_tsv/small_clip).
 set -euo pipefail
 cd "$(dirname "$0")"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
@@ -10,8 +11,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 bash .ci/install
 . .venv/bin/activate
 
-echo "== 1/3 build (or reuse) the 8-task benchmark"
-suite="$(fusion-bench-tsv-build --num-tasks 8 | tail -n 1)"
+echo "== 1/3 build (or reuse) the 8-task benchmark: fine-tune 8 tasks from the packaged backbone"
+suite="$(fusion-bench-tsv-build --suite small_clip --num-tasks 8 --no-openclip | tail -n 1)"
 
 echo "== 2/3 merge with TSV-M and evaluate (fusion_bench CLI)"
 out="$PWD/outputs/demo/$(date +%Y%m%d-%H%M%S)"
@@ -19,9 +20,9 @@ mkdir -p "$out"
 # run outside the repository root so that the installed package (not ./config) provides the configs;
 # path.log_dir: FusionBench's run directory (config, logs, report) is $out itself
 (cd "$out" && fusion_bench method=tsv/tsv_merge \
-    modelpool=CLIPVisionModelPool/tiny_clip_8 taskpool=CLIPVisionModelTaskPool/tiny_clip_8 \
+    modelpool=CLIPVisionModelPool/small_clip_8 taskpool=CLIPVisionModelTaskPool/small_clip_8 \
     path.log_dir="$out" report_save_path="$out/program_report.json" print_config=false)
 
 echo "== 3/3 TSV-M beside the baselines (8 tasks; acc = average test accuracy %, norm. = acc / fine-tuned acc %)"
-python benchmarks/compare_baselines.py --show 8 --report "$out/program_report.json" --build "$suite/build.json"
+python benchmarks/compare_baselines.py --suite small_clip --show 8 --report "$out/program_report.json" --build "$suite/build.json"
 echo "this run's results: $out (program_report.json, FusionBench's config and log)"

@@ -110,8 +110,9 @@ def _row(method: str, n: int, per_task: Dict[str, float], fine_tuned: Dict[str, 
 
 
 def compare(sizes: Sequence[int], alphas: Sequence[float], methods: Sequence[str], val_alpha: bool = True) -> List[dict]:
-    from fusion_bench_tsv.benchmark.tasks import TASK_NAMES
+    from fusion_bench_tsv.benchmark.build import suite_tasks
 
+    TASK_NAMES = suite_tasks(SUITE)
     biggest = max(sizes)
     zero = run_program("dummy", biggest)
     fine: Dict[str, float] = {}
