@@ -490,7 +490,7 @@ def caption_corpus_batch(rng: Gen, num_images: int, size: int, task_fraction: fl
 
     Captions name some of the object's colour, shape, size and position, the background colour or
     the number of objects, so the text tower learns those words and the vision tower general features.
-    A ``task_fraction`` of the images are drawn from the 20 tasks' generators (task and class uniform),
+    A ``task_fraction`` of the images are drawn from the tasks' generators (every class of every task equally likely),
     captioned ``"a photo of <word>."`` with the class's :func:`code_word` (an unrelated noun): the vision tower learns
     to tell every class apart, as web-scale pretraining does, while the text tower never sees the class names
     the zero-shot heads are built from, so zero-shot accuracy stays low and fine-tuning has features to align.
@@ -499,14 +499,14 @@ def caption_corpus_batch(rng: Gen, num_images: int, size: int, task_fraction: fl
     captioned with the class name in one of the task's templates instead, so the text tower learns the class
     names (distinct zero-shot head rows) and a share of their meaning.
     """
-    indices = [ALL_TASKS.index(task_by_name(n)) for n in tasks]
+    # every class of every task equally likely: a 10-class task is drawn 5x as often as a 2-class one
+    classes = [(ALL_TASKS.index(task_by_name(n)), c) for n in tasks for c in range(task_by_name(n).num_classes)]
     images, captions = [], []
     size_words = {0.1: "tiny", 0.16: "small", 0.24: "medium", 0.36: "large"}
     for _ in range(num_images):
         if task_fraction > 0 and rng.random() < task_fraction:
-            t = indices[int(rng.integers(len(indices)))]
+            t, label = classes[int(rng.integers(len(classes)))]
             task = ALL_TASKS[t]
-            label = int(rng.integers(task.num_classes))
             images.append(task.image(rng, label, size, split))
             if name_fraction > 0 and rng.random() < name_fraction:
                 captions.append(task.templates[int(rng.integers(len(task.templates)))].format(task.classnames[label]))
