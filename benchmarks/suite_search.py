@@ -121,6 +121,7 @@ def main() -> None:
     parser.add_argument("--name", required=True)
     parser.add_argument("--num-tasks", type=int, default=8)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tuning processes (default: 1)")
     parser.add_argument("--suite", default=None, help="start from this suite's settings (default: BuildSettings())")
     parser.add_argument("--root", default="/tmp/fbtsv_suite_search")
     parser.add_argument("--pretrained-from", default=None, metavar="NAME",
@@ -136,7 +137,8 @@ def main() -> None:
         source, target = (Path(args.root) / n / "tiny_clip" / "pretrained" for n in (args.pretrained_from, args.name))
         if not target.exists():
             shutil.copytree(source, target)
-    suite = build_benchmark(args.num_tasks, Path(args.root) / args.name, settings, show_pbar=False, export_openclip=False)
+    suite = build_benchmark(args.num_tasks, Path(args.root) / args.name, settings, show_pbar=False, export_openclip=False,
+                            jobs=args.jobs)
     build_s = time.time() - t0
     row = {"name": args.name, "num_tasks": args.num_tasks, "overrides": overrides, "build_s": build_s,
            **evaluate(suite, args.num_tasks, settings)}

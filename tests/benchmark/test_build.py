@@ -30,11 +30,11 @@ def test_tasks_are_distinct_and_deterministic():
 
 
 def test_classnames_tokenize_without_unknown_tokens():
-    from fusion_bench_tsv.benchmark.tasks import TASKS
+    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS
     from fusion_bench_tsv.benchmark.tiny_clip import clip_tokenizer
 
     tok = clip_tokenizer()
-    for task in TASKS:
+    for task in ALL_TASKS:
         for name in task.classnames:
             ids = tok(task.templates[0].format(name))["input_ids"]
             assert tok.unk_token_id not in ids[1:-1], (task.name, name)
