@@ -88,6 +88,13 @@ class BuildSettings:
             task_by_name(name)
         return names
 
+    def record(self) -> dict:
+        """The settings as ``build.json`` stores them: settings added later only when set, so earlier builds'
+        reports still match."""
+        later = {"pretrain_name_fraction", "real_pools", "tasks"}
+        defaults = BuildSettings()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in later or v != getattr(defaults, k)}
+
     def digest(self, *fields: str, extra: str = "") -> str:
         values = {f: getattr(self, f) for f in fields}
         blob = json.dumps({"v": BUILD_VERSION, **values, "extra": extra}, sort_keys=True)
@@ -251,8 +258,8 @@ def build_benchmark(
 
     report_path = out / "build.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if report.get("settings") != dataclasses.asdict(s):
-        report = {"settings": dataclasses.asdict(s), "tasks": {}}
+    if report.get("settings") != s.record():
+        report = {"settings": s.record(), "tasks": {}}
     pending = []  # (task, head, splits) of the tasks to fine-tune
     for task in tasks[:num_tasks]:
         data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
