@@ -161,7 +161,6 @@ def pretrain_backbone(settings, suite: str, directory: Optional[Path] = None, ch
                                              "seconds": round(time.time() - t0)}, recipe_path)
             log.info("step %d/%d, loss %.3f, %.0f s: %s", done, settings.pretrain_steps, loss, time.time() - t0,
                      "complete" if complete else "checkpoint")
-            clip.train()
 
     pretrain_clip(clip, tokenizer, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_lr,
                   seed=recipe["seed"], show_pbar=show_pbar, task_fraction=settings.pretrain_task_fraction,
