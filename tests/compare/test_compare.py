@@ -127,15 +127,21 @@ def test_stored_fine_tuned_rows_normalize_runs_of_their_tasks(three_runs, capsys
     assert "the fine_tuned row of stored.json" in run["fine_tuned_from"]
 
 
-def test_tsv_c_report_normalizes_itself(tmp_path):
-    """TSV-C's routed report holds each fine-tuned model's accuracy on its own task."""
+@pytest.mark.parametrize("shape", ["program_report", "full_report"])
+def test_tsv_c_report_normalizes_itself(tmp_path, shape):
+    """TSV-C's routed reports hold each fine-tuned model's accuracy on its own task: the program_report.json its
+    run writes (what TSV-C returns to the program, :func:`routed_eval.program_report`) and the full report."""
+    from fusion_bench_tsv.methods.routed_eval import program_report
+
     run = fake_run(tmp_path, "c", "tsv/tsv_compress", {"_target_": "x.TSVCompressAlgorithm"}, [], {"a": 0.5})
     routed = {"method": "TSV-C", "routing": "oracle", "not_evaluated": [],
               "tasks": {t: {"accuracy": FINE[t] - 0.1, "loss": 1.0, "finetuned_accuracy": FINE[t]} for t in FINE},
-              "average": {"accuracy": 0.5}}
-    (run / "program_report.json").write_text(json.dumps(routed))
+              "average": {"accuracy": 0.5, "loss": 1.0, "finetuned_accuracy": 0.5}}
+    written = program_report(routed, str(tmp_path / "full.json")) if shape == "program_report" else routed
+    (run / "program_report.json").write_text(json.dumps(written))
     row = rows.read_run(run / "program_report.json")
     assert row["method"] == "tsv_compress" and row["alpha"] is None
+    assert row["per_task"] == pytest.approx({t: 100 * (FINE[t] - 0.1) for t in FINE}, rel=1e-12)
     assert row["normalized_accuracy"] == pytest.approx(_oracle({t: FINE[t] - 0.1 for t in FINE})[1], rel=1e-12)
     assert rows.read_fine_tuned(run) == FINE
 
