@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import yaml
 
 __all__ = ["NORMALIZED", "METHODS", "REPORT_FILE", "task_accuracies", "normalized_accuracy", "make_row",
-           "find_reports", "read_run", "read_results", "read_build", "read_fine_tuned", "normalize", "select"]
+           "find_reports", "read_run", "read_results", "read_build", "read_fine_tuned", "normalize"]
 
 NORMALIZED = ("normalized accuracy = mean over tasks of (the task's accuracy / the fine-tuned model's accuracy "
               "on that task), in %")
@@ -233,8 +233,3 @@ def read_fine_tuned(path: Path) -> Dict[str, float]:
         return routed
     raise ValueError(f"{path}: no fine-tuned accuracies: give a build.json (fusion-bench-tsv-build), a comparison "
                      "with fine_tuned rows, or a TSV-C run made with method.evaluate_finetuned=true")
-
-
-def select(rows: Sequence[dict], sizes: Optional[Sequence[int]]) -> List[dict]:
-    """The rows whose number of tasks is in ``sizes`` (all of them when ``sizes`` is None)."""
-    return [r for r in rows if sizes is None or r["num_tasks"] in sizes]
