@@ -167,7 +167,7 @@ def test_tsv_merge_cli_ends_in_its_summary(tiny_pool, tmp_path):
     (log_file,) = run_dir(tmp_path).glob("*.log")  # the job's log file: records unwrapped
     records = log_file.read_text()
     assert "(computed in torch.float32)" not in records and "(matrices merged in torch.float64" in records
-    assert "its program's next line ('No save path specified" in records
+    assert "its program's line after the run ('No save path specified" in records
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = run_dir(tmp_path).glob("events.out.tfevents.*")

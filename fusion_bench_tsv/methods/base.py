@@ -101,6 +101,16 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
                    dict(results or {}),
                    dict(scalars or {}), report, self.fabric).finish()
 
+    def explain_program_save_line(self) -> None:
+        """After writing ``method.save_path`` in a CLI run: log that FusionBench's program line 'No save path
+        specified for the merged model. Skipping saving.', printed after ``run`` returns, is about its own
+        ``merged_model_save_path`` only (it prints it for whatever ``run`` returns, TSV-C's report included)."""
+        program = getattr(self, "_program", None)
+        if program is not None and getattr(program, "merged_model_save_path", None) is None:
+            log.info(f"{self.method_name}: saved by method.save_path; FusionBench's own merged_model_save_path is not "
+                     "set, so its program's line after the run ('No save path specified ... Skipping saving.') is "
+                     "about that option only")
+
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
         return torch.device(self.device) if self.device is not None else self.fabric.device

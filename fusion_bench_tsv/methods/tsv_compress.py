@@ -223,6 +223,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
                 save_compressed(checkpoint, tasks, state_dict_of(pretrained), base_model=_base_model_name(modelpool),
                                 rank_choice=rank_choice)
             log.info(f"TSV-C: compressed checkpoint of {len(tasks)} tasks written to {checkpoint}")
+            self.explain_program_save_line()
         taskpool = getattr(getattr(self, "_program", None), "taskpool", None)
         if self.routed_eval and supports_routing(taskpool):
             report = routed_evaluation(taskpool, modelpool, pretrained, tasks, evaluate_finetuned=self.evaluate_finetuned,

@@ -200,10 +200,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()
         path = str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
-        program = getattr(self, "_program", None)
-        if program is not None and getattr(program, "merged_model_save_path", None) is None:
-            log.info("TSV-M: saved by method.save_path; FusionBench's own merged_model_save_path is not set, so its "
-                     "program's next line ('No save path specified ... Skipping saving.') is about that option only")
+        self.explain_program_save_line()
         return path
 
     def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
