@@ -189,9 +189,8 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
                                                      f"(validation accuracy {100 * best['accuracy']:.2f}%)")
         if not isinstance(alpha, (list, tuple)):
             scalars["alpha"] = float(alpha)
-        k = f"{self.rank} per task" if self.rank is not None else "floor(min(m, n) / T)"
         outputs = {"merged model (method.save_path)": saved, "alpha grid": grid_dir, "kept ranks per layer": ranks_file}
-        self.finish_run("TSV-M profile", {"alpha": alpha, "k": k, "T": opening.num_tasks, "svd_method": self.svd_method},
+        self.finish_run("TSV-M profile", {"alpha": alpha, "k": self.k_option(opening.ranks), "T": opening.num_tasks, "svd_method": self.svd_method},
                         outputs=outputs, results=results, scalars=scalars)
 
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
