@@ -222,8 +222,9 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         log.info(
             f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
             f"(matrices merged in {', '.join(computed) or '-'}, svd_method={self.svd_method}); {len(matrix_keys)} matrices decomposed, "
-            f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
-            + (f", alpha_grid={self.alpha_grid}" if self.alpha_grid else "")
+            f"{len(opening.other_keys)} other parameters averaged; "
+            + (f"alpha chosen on validation from alpha_grid={list(self.alpha_grid)}" if self.alpha_grid else f"alpha={self.alpha}")
+            + (f" (task scales alpha={self.alpha})" if self.alpha_grid and isinstance(self.alpha, (list, tuple)) else "")
         )
         low = [k for k in matrix_keys if min(base[k].shape) < num_tasks]
         if low:
