@@ -21,13 +21,17 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from ..compare.rows import task_accuracies
-
-__all__ = ["RunSummary", "RunSummaryCallback", "average_accuracy"]
+__all__ = ["RunSummary", "RunSummaryCallback", "average_accuracy", "task_accuracies"]
 
 #: summaries of the current CLI job, printed at its end by :class:`RunSummaryCallback`
 _PENDING: List["RunSummary"] = []
 _IN_CLI_JOB = [False]
+
+
+def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
+    """``{task: accuracy}`` of a FusionBench task pool report (every entry with an ``accuracy`` but ``average``)."""
+    return {task: float(entry["accuracy"]) for task, entry in report.items()
+            if task != "average" and isinstance(entry, Mapping) and entry.get("accuracy") is not None}
 
 
 def average_accuracy(report: Mapping[str, Any]) -> Optional[float]:
