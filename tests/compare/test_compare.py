@@ -318,3 +318,25 @@ def _mean_ratio(per_task_percent: dict, fine: dict):
     if min(fine[t] for t in per_task_percent) == 0:
         return None
     return pytest.approx(float(100 * np.mean([a / 100 / fine[t] for t, a in per_task_percent.items()])), rel=1e-12)
+
+
+def test_val_alpha_ignores_a_nan_validation_score(tmp_path, monkeypatch):
+    """A NaN validation accuracy (here at the first α) is skipped, not kept by max(); all NaN fails the row."""
+    pools = baselines.Pools("m", "t", "t_val")
+    validation = {0.1: float("nan"), 0.5: 0.2, 1.0: 0.4}
+
+    def compose(method, pools, overrides=(), split="test", log_dir=None):
+        alpha = float(next(o for o in overrides if o.startswith("method.scaling_factor=")).split("=")[1])
+        return {"alpha": alpha, "split": split}
+
+    def run_program(cfg, edit=None):
+        score = validation[cfg["alpha"]] if cfg["split"] == "validation" else 0.3
+        return {"a": score, "b": score}, None
+
+    monkeypatch.setattr(baselines, "compose", compose)
+    monkeypatch.setattr(baselines, "run_program", run_program)
+    runner = baselines._Runner(list(validation), tmp_path, {})
+    assert runner.row(pools, "task_arithmetic_val_alpha")["alpha"] == 1.0
+    validation.update({0.5: float("nan"), 1.0: float("nan")})
+    with pytest.raises(RuntimeError, match=r"task_arithmetic_val_alpha: the validation task pool t_val gave no finite"):
+        runner.row(pools, "task_arithmetic_val_alpha")
