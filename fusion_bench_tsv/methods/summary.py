@@ -21,7 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RunSummary", "RunSummaryCallback", "average_accuracy", "task_accuracies"]
+__all__ = ["RunSummary", "RunSummaryCallback", "averages", "task_accuracies"]
 
 #: summaries of the current CLI job, printed at its end by :class:`RunSummaryCallback`
 _PENDING: List["RunSummary"] = []
@@ -34,10 +34,14 @@ def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
             if task != "average" and isinstance(entry, Mapping) and entry.get("accuracy") is not None}
 
 
-def average_accuracy(report: Mapping[str, Any]) -> Optional[float]:
-    """The report's ``average.accuracy`` (FusionBench's mean over tasks), or None."""
+def averages(report: Mapping[str, Any]) -> Dict[str, float]:
+    """``average_accuracy`` and ``normalized_accuracy`` of the report's ``average`` entry (FusionBench's mean over
+    tasks; the normalized one where fine-tuned accuracies are known), those it has."""
     average = report.get("average")
-    return float(average["accuracy"]) if isinstance(average, Mapping) and "accuracy" in average else None
+    average = average if isinstance(average, Mapping) else {}
+    return {f"{name}_accuracy": float(average[key]) for name, key in (("average", "accuracy"),
+                                                                     ("normalized", "normalized_accuracy"))
+            if average.get(key) is not None}
 
 
 @dataclass
@@ -62,13 +66,14 @@ class RunSummary:
         results = dict(self.results)
         report = report if report is not None else self.report
         if report is not None:
-            average, tasks = average_accuracy(report), task_accuracies(report)
-            normalized = (report.get("average") or {}).get("normalized_accuracy")
+            values, tasks = averages(report), task_accuracies(report)
             first = {}
-            if average is not None:
-                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} task{'s' * (len(tasks) != 1)}"
-            if normalized is not None:
-                first["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
+            if "average_accuracy" in values:
+                first["average accuracy"] = (f"{100 * values['average_accuracy']:.2f}% over {len(tasks)} "
+                                             f"task{'s' * (len(tasks) != 1)}")
+            if "normalized_accuracy" in values:
+                first["normalized accuracy"] = (f"{100 * values['normalized_accuracy']:.2f}% (mean over tasks of "
+                                                "acc / fine-tuned acc)")
             results = {**first, **results}
         lines += [f"  {label}: {value}" for label, value in results.items()]
         lines.append(f"  time: {self.seconds:.1f} s ({self.method}'s run)")
@@ -86,12 +91,7 @@ class RunSummary:
         values = {f"{prefix}/{k}": v for k, v in self.scalars.items()}
         report = report if report is not None else self.report
         if report is not None:
-            average = average_accuracy(report)
-            if average is not None:
-                values[f"{prefix}/average_accuracy"] = average
-            normalized = (report.get("average") or {}).get("normalized_accuracy")
-            if normalized is not None:
-                values[f"{prefix}/normalized_accuracy"] = normalized
+            values.update({f"{prefix}/{name}": value for name, value in averages(report).items()})
             values.update({f"{prefix}/accuracy/{task}": acc for task, acc in task_accuracies(report).items()})
         if values:
             self.fabric.log_dict(values, step=0)
