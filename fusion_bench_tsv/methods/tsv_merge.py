@@ -189,9 +189,12 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
                                                      f"(validation accuracy {100 * best['accuracy']:.2f}%)")
         if not isinstance(alpha, (list, tuple)):
             scalars["alpha"] = float(alpha)
+        options = {"alpha": alpha}
+        if self.alpha_grid_results is not None and isinstance(self.alpha, (list, tuple)):
+            options["task scales"] = self.alpha  # each task vector's, before the SVD; alpha scales the merged update
+        options.update(k=self.k_option(opening.ranks), T=opening.num_tasks, svd_method=self.svd_method)
         outputs = {"merged model (method.save_path)": saved, "alpha grid": grid_dir, "kept ranks per layer": ranks_file}
-        self.finish_run("TSV-M profile", {"alpha": alpha, "k": self.k_option(opening.ranks), "T": opening.num_tasks, "svd_method": self.svd_method},
-                        outputs=outputs, results=results, scalars=scalars)
+        self.finish_run("TSV-M profile", options, outputs=outputs, results=results, scalars=scalars)
 
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
         """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
