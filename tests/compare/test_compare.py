@@ -340,3 +340,20 @@ def test_val_alpha_ignores_a_nan_validation_score(tmp_path, monkeypatch):
     validation.update({0.5: float("nan"), 1.0: float("nan")})
     with pytest.raises(RuntimeError, match=r"task_arithmetic_val_alpha: the validation task pool t_val gave no finite"):
         runner.row(pools, "task_arithmetic_val_alpha")
+
+
+def test_a_run_without_accuracies_in_a_directory_of_runs_is_skipped_with_a_note(three_runs, capsys):
+    """A run with taskpool=dummy saves a program_report.json without accuracies: in a directory holding runs it is
+    skipped and said so; named itself it is an error naming it."""
+    dummy = three_runs["runs"] / "r4"
+    dummy.mkdir()
+    (dummy / "program_report.json").write_text(json.dumps({"model_info": {"all_params": 10}}))
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(three_runs["runs"]), "--out", str(three_runs["tmp"] / "o1")])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {dummy / 'program_report.json'}: no per-task accuracies" in printed
+    assert {r["source"] for r in json.loads((three_runs["tmp"] / "o1" / "comparison.json").read_text())} == {"r1", "r2", "r3"}
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(dummy), "--out", str(three_runs["tmp"] / "o2")])
+    assert done.value.code == 2 and "r4/program_report.json: no per-task accuracies" in capsys.readouterr().err
