@@ -160,14 +160,17 @@ def test_tsv_merge_cli_ends_in_its_summary(tiny_pool, tmp_path):
     log = proc.stdout + proc.stderr
     block = summary_block(proc.stdout, "TSV-M")
     report = json.loads((run_dir(tmp_path) / "program_report.json").read_text())
-    assert block[0] == "TSV-M summary: alpha=1.0, k=floor(min(m, n) / T), T=8, svd_method=gram"
+    by_shape = json.loads((run_dir(tmp_path) / "tsv_merge_ranks.json").read_text())["by_shape"]
+    ks = sorted({g["k"] for g in by_shape})  # the k each matrix was merged with, from the rank report
+    k = str(ks[0]) if len(ks) == 1 else f"{ks[0]}-{ks[-1]}"
+    assert block[0] == f"TSV-M summary: alpha=1.0, k={k} per task (floor(min(m, n) / T)), T=8, svd_method=gram"
     assert f"  average accuracy: {100 * report['average']['accuracy']:.2f}% over 2 tasks" in block
     assert f"  merged model (method.save_path): {run_dir(tmp_path) / 'merged'}" in block
     assert "Evaluation Result" not in log and "Profiler Report" not in log
     (log_file,) = run_dir(tmp_path).glob("*.log")  # the job's log file: records unwrapped
     records = log_file.read_text()
     assert "(computed in torch.float32)" not in records and "(matrices merged in torch.float64" in records
-    assert "its program's next line ('No save path specified" in records
+    assert "its program's line after the run ('No save path specified" in records
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     (events,) = run_dir(tmp_path).glob("events.out.tfevents.*")

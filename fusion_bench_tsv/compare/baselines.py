@@ -9,7 +9,7 @@ names (any pools: the offline suites ``CLIPVisionModelPool/tiny_clip_8`` …, or
   whose tasks are those of a larger one reuses them.
 - the methods of :data:`~.rows.METHODS` with their configs' defaults;
 - ``<method>_val_alpha``: α (``scaling_factor`` / ``alpha``) chosen on the validation task pool from the
-  grid (ties: the α nearest 1), then evaluated once on the test task pool;
+  grid (the highest finite average accuracy; ties: the α nearest 1), then evaluated once on the test task pool;
 - ``tsv_merge_alpha_grid``: TSV-M's built-in grid (``method.alpha_grid``, ``method.validation_taskpool``):
   one merge, α chosen inside the run;
 - ``tsv_compress``: TSV-C with oracle routing (task i evaluated with its own θ₀ + Δ̂ᵢ only): a compression,
@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -210,7 +211,11 @@ class _Runner:
         for a in self.alphas:
             val, _ = run_program(compose(config, pools, [*overrides, f"method.{knob}={a}"], "validation", self.log_dir))
             scores[a] = sum(val.values()) / len(val)
-        best = max(scores, key=lambda a: (scores[a], -abs(a - 1.0)))
+        finite = [a for a in scores if math.isfinite(scores[a])]  # a NaN would make max() depend on the order
+        if not finite:
+            raise RuntimeError(f"{name}: the validation task pool {pools.validation} gave no finite average accuracy "
+                               f"for any α of {self.alphas} ({list(scores.values())})")
+        best = max(finite, key=lambda a: (scores[a], -abs(a - 1.0)))
         acc, _ = run_program(compose(config, pools, [*overrides, f"method.{knob}={best}"], log_dir=self.log_dir))
         return make_row(name, acc, fine, best,
                         validation_avg_accuracy_by_alpha={str(a): 100 * s for a, s in scores.items()})

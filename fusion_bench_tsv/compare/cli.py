@@ -19,7 +19,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 from .baselines import ALPHAS, BASELINES, Pools, run_baselines
 from .report import ROW_ORDER, legend, markdown, write_outputs
-from .rows import find_reports, make_row, normalize, read_build, read_fine_tuned, read_results, read_run
+from .rows import REPORT_FILE, find_reports, make_row, normalize, read_build, read_fine_tuned, read_results, read_run
 
 __all__ = ["main", "parser"]
 
@@ -118,8 +118,7 @@ def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=Tr
     out = args.out or Path.cwd() / "outputs" / "compare" / time.strftime("%Y-%m-%d_%H-%M-%S")
     stored = [r for path in args.results for r in read_results(path)]
     explicit = read_fine_tuned(args.fine_tuned) if args.fine_tuned is not None else None
-    runs = [read_run(report, explicit, str(args.fine_tuned) if explicit else None)
-            for path in args.runs for report in find_reports(path)]
+    runs, skipped = _read_runs(args.runs, explicit, str(args.fine_tuned) if explicit else None)
     rows: List[dict] = []
     failures: List[str] = []
     if baselines:
@@ -150,7 +149,7 @@ def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=Tr
         say("runs:")
         for line in lines:
             say(f"  {line}")
-    for line in notes:
+    for line in notes + skipped:
         say(line)
     say("")
     say(f"written: {', '.join(str(p) for p in paths)}")
@@ -160,6 +159,22 @@ def compare(args, say: Callable[[str], None] = lambda line: print(line, flush=Tr
             say(f"  {line}")
         return 1
     return 0
+
+
+def _read_runs(paths: Sequence[Path], fine_tuned: Optional[dict], source: Optional[str]) -> Tuple[List[dict], List[str]]:
+    """The rows of the runs ``paths`` name, and a note for each report skipped in a directory holding runs
+    (one without per-task accuracies, e.g. of a run with ``taskpool=dummy``); a run named itself must be readable."""
+    runs, skipped = [], []
+    for path in paths:
+        named = path.is_file() or (path / REPORT_FILE).is_file()
+        for report in find_reports(path):
+            try:
+                runs.append(read_run(report, fine_tuned, source))
+            except ValueError as error:
+                if named:
+                    raise
+                skipped.append(f"skipped {error}")
+    return runs, skipped
 
 
 def _build_rows(path: Path, runs: Sequence[dict], stored: Sequence[dict]) -> Tuple[List[dict], List[str]]:

@@ -109,7 +109,7 @@ def _dodge(n: int, width: float) -> np.ndarray:
 
 def figure(rows: Sequence[dict], title: str = "") -> Figure:
     """Average accuracy against the number of tasks; with a single number of tasks, accuracy per task (and
-    the average; markers only). One series per table line, each with its own colour and marker."""
+    the average; markers only). One series per table line, styled by :func:`series_styles`."""
     keys, sizes, by = _order(rows)
     styles = series_styles(len(keys))
     sourced = len({k[1] for k in keys}) > 1

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import numbers
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
 __all__ = ["NORMALIZED", "METHODS", "REPORT_FILE", "task_accuracies", "normalized_accuracy", "make_row",
-           "find_reports", "read_run", "read_results", "read_build", "read_fine_tuned", "normalize", "select"]
+           "find_reports", "read_run", "read_results", "read_build", "read_fine_tuned", "normalize"]
 
 NORMALIZED = ("normalized accuracy = mean over tasks of (the task's accuracy / the fine-tuned model's accuracy "
               "on that task), in %")
@@ -50,13 +50,19 @@ REPORT_FILE = "program_report.json"
 _HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
+def _task_entries(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """{task: entry} of a report: TSV-C's full report (``tsv_compress_report.json``) nests them under ``tasks``;
+    a task pool's report and TSV-C's ``program_report.json`` hold them at the top level, beside ``average``."""
+    if isinstance(report.get("tasks"), Mapping) and "routing" in report:
+        return report["tasks"]
+    return {task: entry for task, entry in report.items() if task != "average" and isinstance(entry, Mapping)}
+
+
 def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
     """{task: accuracy (a fraction)} of a FusionBench report (``taskpool.evaluate``: {task: {"accuracy": …}},
-    plus ``average`` and ``model_info``) or of TSV-C's routed report (``tasks``: {task: {...}})."""
-    if isinstance(report.get("tasks"), Mapping) and "routing" in report:
-        report = report["tasks"]
-    return {task: float(entry["accuracy"]) for task, entry in report.items()
-            if task != "average" and isinstance(entry, Mapping) and isinstance(entry.get("accuracy"), numbers.Real)}
+    plus ``average`` and ``model_info``) or of TSV-C's routed reports."""
+    return {task: float(entry["accuracy"]) for task, entry in _task_entries(report).items()
+            if isinstance(entry, Mapping) and isinstance(entry.get("accuracy"), numbers.Real)}
 
 
 def normalized_accuracy(per_task: Mapping[str, float], fine_tuned: Optional[Mapping[str, float]]) -> Optional[float]:
@@ -202,10 +208,11 @@ def read_build(path: Path) -> Tuple[Dict[str, float], Dict[str, float]]:
 
 
 def _routed_fine_tuned(report: Any) -> Optional[Dict[str, float]]:
-    """{task: fine-tuned accuracy} of TSV-C's routed report when it measured every task's, else None."""
-    if not (isinstance(report, Mapping) and "routing" in report and isinstance(report.get("tasks"), Mapping)):
+    """{task: fine-tuned accuracy} of TSV-C's routed report (its ``program_report.json`` or the full report) when
+    it measured every task's, else None."""
+    if not (isinstance(report, Mapping) and "routing" in report):
         return None
-    own = {t: e.get("finetuned_accuracy") for t, e in report["tasks"].items() if isinstance(e, Mapping)}
+    own = {t: e.get("finetuned_accuracy") for t, e in _task_entries(report).items() if isinstance(e, Mapping)}
     ok = own and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in own.values())
     return {t: float(v) for t, v in own.items()} if ok else None
 
@@ -226,8 +233,3 @@ def read_fine_tuned(path: Path) -> Dict[str, float]:
         return routed
     raise ValueError(f"{path}: no fine-tuned accuracies: give a build.json (fusion-bench-tsv-build), a comparison "
                      "with fine_tuned rows, or a TSV-C run made with method.evaluate_finetuned=true")
-
-
-def select(rows: Sequence[dict], sizes: Optional[Sequence[int]]) -> List[dict]:
-    """The rows whose number of tasks is in ``sizes`` (all of them when ``sizes`` is None)."""
-    return [r for r in rows if sizes is None or r["num_tasks"] in sizes]

@@ -221,10 +221,14 @@ def _state(path: Path) -> _State:
     return _State(None) if run is None else _State(str(run.get("id")), _who(marker))
 
 
-def _refuse(path: Path, reason: str, owner: str, option: str, value: str, default_name: str) -> None:
+def _refuse(path: Path, reason: str, owner: str, option: str, value: str, default_name: str,
+            movable: bool = True) -> None:
+    """``movable``: whether moving the directory away is a fix (not for an input, the working directory or the
+    log directory's ancestors)."""
     raise OutputRefusedError(
         f"{owner}: option '{option}'={value!r}: {path} {reason}; nothing there is deleted or replaced. "
-        f"Give a new or empty directory (e.g. {option}='{{log_dir}}/{default_name}'), or move that one away"
+        f"Give a new or empty directory (e.g. {option}='{{log_dir}}/{default_name}')"
+        + (", or move that one away" if movable else "")
     )
 
 
@@ -291,19 +295,19 @@ def output_dir(
         path = path / default_name
         log.info(f"{owner}: option '{option}'={save_path!r} is the run's log directory: writing into {path}")
 
-    def refuse(reason: str) -> None:
-        _refuse(path, reason, owner, option, save_path, default_name)
+    def refuse(reason: str, movable: bool = True) -> None:
+        _refuse(path, reason, owner, option, save_path, default_name, movable)
 
     cwd = Path(os.path.realpath(os.getcwd()))
     if path == cwd or path in cwd.parents:
-        refuse("is the working directory" + (" or one of its ancestors" if path != cwd else ""))
+        refuse("is the working directory" + (" or one of its ancestors" if path != cwd else ""), movable=False)
     if log_dir is not None and path in Path(os.path.realpath(log_dir)).parents:
-        refuse("holds the run's log directory")
+        refuse("holds the run's log directory", movable=False)
     for given in inputs:
         source = Path(os.path.realpath(given))
         if _within(path, source):
             where = "is" if path == source else "holds" if path in source.parents else "is inside"
-            refuse(f"{where} an input of this run ({given})")
+            refuse(f"{where} an input of this run ({given})", movable=False)
     reason = replace_refusal(path, owner)
     if reason is not None:
         refuse(reason)

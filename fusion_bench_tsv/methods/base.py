@@ -101,6 +101,23 @@ class TSVAlgorithmBase(SimpleProfilerMixin, LightningFabricMixin, BaseAlgorithm)
                    dict(results or {}),
                    dict(scalars or {}), report, self.fabric).finish()
 
+    def k_option(self, ranks: Mapping[str, Optional[int]]) -> str:
+        """The per-task rank k of the summary: the values ``ranks`` holds (e.g. ``8``, or ``2-8`` where small
+        matrices get a smaller k), and the ``rank`` option or the rule floor(min(m, n) / T) they come from."""
+        values = sorted({k for k in ranks.values() if k is not None})
+        shown = "-" if not values else str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+        return f"{shown} per task ({'option rank' if self.rank is not None else 'floor(min(m, n) / T)'})"
+
+    def explain_program_save_line(self) -> None:
+        """After writing ``method.save_path`` in a CLI run: log that FusionBench's program line 'No save path
+        specified for the merged model. Skipping saving.', printed after ``run`` returns, is about its own
+        ``merged_model_save_path`` only (it prints it for whatever ``run`` returns, TSV-C's report included)."""
+        program = getattr(self, "_program", None)
+        if program is not None and getattr(program, "merged_model_save_path", None) is None:
+            log.info(f"{self.method_name}: saved by method.save_path; FusionBench's own merged_model_save_path is not "
+                     "set, so its program's line after the run ('No save path specified ... Skipping saving.') is "
+                     "about that option only")
+
     def compute_device(self) -> torch.device:
         """The ``device`` option, or the Fabric device (a GPU when there is one)."""
         return torch.device(self.device) if self.device is not None else self.fabric.device

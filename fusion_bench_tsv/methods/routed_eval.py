@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 __all__ = [
     "REPORT_FILE",
     "evaluate_on_task",
-    "format_summary",
     "normalized_accuracy",
     "program_report",
     "routed_evaluation",
@@ -97,26 +96,6 @@ def normalized_accuracy(accuracy: float, finetuned_accuracy: Optional[float]) ->
     if finetuned_accuracy is None or finetuned_accuracy <= 0:
         return None
     return accuracy / finetuned_accuracy
-
-
-_COLUMNS = (("accuracy", "accuracy"), ("finetuned_accuracy", "fine-tuned"), ("normalized_accuracy", "normalized"))
-
-
-def format_summary(report: Mapping[str, Any], title: str) -> str:
-    """A short table of a routed report (``tasks``: {task: entry}, ``average``): accuracy, and fine-tuned and
-    normalized accuracy where measured, per task and on average, as percentages with one decimal (the report
-    itself keeps full precision)."""
-    rows = [*report["tasks"].items(), ("average", report.get("average", {}))]
-    columns = [(key, label) for key, label in _COLUMNS if any(key in entry for _, entry in rows)]
-    width = max(len(name) for name, _ in rows)
-
-    def cell(value: Optional[float]) -> str:
-        return "-" if value is None else f"{100 * value:.1f}%"
-
-    lines = [title, f"{'task':<{width}}" + "".join(f"  {label:>10}" for _, label in columns)]
-    for name, entry in rows:
-        lines.append(f"{name:<{width}}" + "".join(f"  {cell(entry.get(key)):>10}" for key, _ in columns))
-    return "\n".join(lines)
 
 
 # over ~60 lines only by its docstring (one line per argument)

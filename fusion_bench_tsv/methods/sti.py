@@ -251,8 +251,7 @@ class STIAnalysis(TSVAlgorithmBase):
         shown = {"sti_normalized_mean": "STI / ||Σ||₁ at rank k, mean over layers",
                  "sti_decorrelated_normalized_mean": "after TSV-M's decorrelation",
                  "sti_full_normalized_mean": "at full rank", "cosine_mean": "mean pairwise cosine of the task vectors"}
-        k = f"{self.rank} per task" if self.rank is not None else "floor(min(m, n) / T)"
-        self.finish_run("STI profile", {"k": k, "T": len(names), "full_rank": self.full_rank},
+        self.finish_run("STI profile", {"k": self.k_option(ranks), "T": len(names), "full_rank": self.full_rank},
                         results={label: f"{totals[key]:.4g}" for key, label in shown.items() if key in totals},
                         outputs={"results (sti.json, sti.csv, figures)": out_dir})
 

@@ -4,7 +4,8 @@ From Python, :meth:`RunSummary.finish` prints the method's summary when ``run`` 
 was evaluated yet). In the ``fusion_bench`` CLI, FusionBench's program evaluates the returned model after
 ``run`` returns, so the summary is deferred to the end of the Hydra job: every method config includes
 ``config/tsv/cli.yaml``, which registers :class:`RunSummaryCallback` (a Hydra callback, ``hydra.callbacks``).
-Its ``on_job_end`` reads the program's report (``program_report.json``), logs the accuracies as TensorBoard
+Its ``on_job_end`` reads the program's report (``program_report.json``; not a file that was already there,
+unchanged, when the job started: an earlier run's report at a fixed ``report_save_path``), logs the accuracies as TensorBoard
 scalars through the method's Fabric logger, and prints the summary: the last lines of a successful run. A
 failed job prints nothing here, so its error stays the last thing printed.
 """
@@ -18,9 +19,9 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RunSummary", "RunSummaryCallback", "average_accuracy", "task_accuracies"]
+__all__ = ["RunSummary", "RunSummaryCallback", "averages", "task_accuracies"]
 
 #: summaries of the current CLI job, printed at its end by :class:`RunSummaryCallback`
 _PENDING: List["RunSummary"] = []
@@ -33,10 +34,14 @@ def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
             if task != "average" and isinstance(entry, Mapping) and entry.get("accuracy") is not None}
 
 
-def average_accuracy(report: Mapping[str, Any]) -> Optional[float]:
-    """The report's ``average.accuracy`` (FusionBench's mean over tasks), or None."""
+def averages(report: Mapping[str, Any]) -> Dict[str, float]:
+    """``average_accuracy`` and ``normalized_accuracy`` of the report's ``average`` entry (FusionBench's mean over
+    tasks; the normalized one where fine-tuned accuracies are known), those it has."""
     average = report.get("average")
-    return float(average["accuracy"]) if isinstance(average, Mapping) and "accuracy" in average else None
+    average = average if isinstance(average, Mapping) else {}
+    return {f"{name}_accuracy": float(average[key]) for name, key in (("average", "accuracy"),
+                                                                     ("normalized", "normalized_accuracy"))
+            if average.get(key) is not None}
 
 
 @dataclass
@@ -61,13 +66,14 @@ class RunSummary:
         results = dict(self.results)
         report = report if report is not None else self.report
         if report is not None:
-            average, tasks = average_accuracy(report), task_accuracies(report)
-            normalized = (report.get("average") or {}).get("normalized_accuracy")
+            values, tasks = averages(report), task_accuracies(report)
             first = {}
-            if average is not None:
-                first["average accuracy"] = f"{100 * average:.2f}% over {len(tasks)} task{'s' * (len(tasks) != 1)}"
-            if normalized is not None:
-                first["normalized accuracy"] = f"{100 * normalized:.2f}% (mean over tasks of acc / fine-tuned acc)"
+            if "average_accuracy" in values:
+                first["average accuracy"] = (f"{100 * values['average_accuracy']:.2f}% over {len(tasks)} "
+                                             f"task{'s' * (len(tasks) != 1)}")
+            if "normalized_accuracy" in values:
+                first["normalized accuracy"] = (f"{100 * values['normalized_accuracy']:.2f}% (mean over tasks of "
+                                                "acc / fine-tuned acc)")
             results = {**first, **results}
         lines += [f"  {label}: {value}" for label, value in results.items()]
         lines.append(f"  time: {self.seconds:.1f} s ({self.method}'s run)")
@@ -85,12 +91,7 @@ class RunSummary:
         values = {f"{prefix}/{k}": v for k, v in self.scalars.items()}
         report = report if report is not None else self.report
         if report is not None:
-            average = average_accuracy(report)
-            if average is not None:
-                values[f"{prefix}/average_accuracy"] = average
-            normalized = (report.get("average") or {}).get("normalized_accuracy")
-            if normalized is not None:
-                values[f"{prefix}/normalized_accuracy"] = normalized
+            values.update({f"{prefix}/{name}": value for name, value in averages(report).items()})
             values.update({f"{prefix}/accuracy/{task}": acc for task, acc in task_accuracies(report).items()})
         if values:
             self.fabric.log_dict(values, step=0)
@@ -120,6 +121,7 @@ class RunSummaryCallback(Callback):
     def __init__(self, print_function_call: bool = False):
         self.print_function_call = print_function_call
         self._previous: Optional[bool] = None
+        self._before: Optional[tuple] = None  # (report path, its stat) at the job's start
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from fusion_bench.utils import instantiate_utils
@@ -128,6 +130,12 @@ class RunSummaryCallback(Callback):
         _PENDING.clear()
         self._previous = instantiate_utils.PRINT_FUNCTION_CALL
         instantiate_utils.set_print_function_call_permeanent(self.print_function_call)
+        try:  # a report_save_path that already holds a file (an earlier run's): not this run's report
+            log_dir = OmegaConf.select(config, "path.log_dir", default=None)
+        except Exception:  # an interpolation that does not resolve here: the log dir is named later
+            log_dir = None
+        path = _report_path(config.get("report_save_path"), log_dir)
+        self._before = (path, _stat(path)) if path is not None else None
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         from fusion_bench.utils import instantiate_utils
@@ -140,16 +148,32 @@ class RunSummaryCallback(Callback):
         if job_return.status != JobStatus.COMPLETED:
             return  # the error is the last thing printed
         for summary in summaries:
-            report = _program_report(config.get("report_save_path"), summary.log_dir)
+            path = _report_path(config.get("report_save_path"), summary.log_dir)
+            stale = self._before is not None and self._before[1] is not None and self._before == (path, _stat(path))
+            report = None if path is None or stale else _program_report(path)
             summary.log_scalars(report)
             print("\n".join(summary.lines(report)), flush=True)
 
 
-def _program_report(report_save_path: Optional[str], log_dir: Optional[str]) -> Optional[Dict[str, Any]]:
-    """The program's saved report (``report_save_path``, ``{log_dir}`` filled in), or None when there is none."""
+def _report_path(report_save_path: Optional[str], log_dir: Optional[str]) -> Optional[str]:
+    """The program's report file (``report_save_path``, ``{log_dir}`` filled in as FusionBench's program does),
+    or None when there is none."""
     if not report_save_path or ("{log_dir}" in report_save_path and log_dir is None):
         return None
-    path = report_save_path.format(log_dir=log_dir) if "{log_dir}" in report_save_path else report_save_path
+    return report_save_path.format(log_dir=log_dir) if "{log_dir}" in report_save_path else report_save_path
+
+
+def _stat(path: str) -> Optional[tuple]:
+    """(inode, size, modification time in ns) of ``path``, or None when there is no such file."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _program_report(path: str) -> Optional[Dict[str, Any]]:
+    """The program's saved report at ``path``, or None when it cannot be read as a JSON object."""
     try:
         with open(path) as f:
             report = json.load(f)

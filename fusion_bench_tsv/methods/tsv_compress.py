@@ -53,7 +53,7 @@ from ..io.streaming import iter_finetuned_states
 from ..runtime.parallel import bounded_threads
 from .base import TSVAlgorithmBase, log_rank_report, rank_report, task_update
 from .options import float_dtype, validate_options
-from .routed_eval import format_summary, program_report, routed_evaluation, supports_routing, write_report
+from .routed_eval import program_report, routed_evaluation, supports_routing, write_report
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +223,7 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
                 save_compressed(checkpoint, tasks, state_dict_of(pretrained), base_model=_base_model_name(modelpool),
                                 rank_choice=rank_choice)
             log.info(f"TSV-C: compressed checkpoint of {len(tasks)} tasks written to {checkpoint}")
+            self.explain_program_save_line()
         taskpool = getattr(getattr(self, "_program", None), "taskpool", None)
         if self.routed_eval and supports_routing(taskpool):
             report = routed_evaluation(taskpool, modelpool, pretrained, tasks, evaluate_finetuned=self.evaluate_finetuned,
@@ -249,8 +250,6 @@ class TSVCompressAlgorithm(TSVAlgorithmBase):
         """The run's summary: the rank choice, T, the storage, the routed accuracies; the outputs."""
         choice = {k: v for k, v in self.rank_choice(len(tasks)).items() if k not in ("mode", "rule")}
         results = {"storage": _storage_line(storage), **results}
-        if routed is not None and getattr(self, "_program", None) is None:  # from Python; the CLI's program prints the report itself
-            print(format_summary(self.report, "TSV-C, routed evaluation (each task's compressed model on its own task):"))
         self.finish_run("TSV-C profile", {**choice, "T": len(tasks)}, report=routed, results=results,
                         outputs={"compressed checkpoint": checkpoint, "full report": report_path})
 

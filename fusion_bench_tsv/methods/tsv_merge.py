@@ -189,10 +189,12 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
                                                      f"(validation accuracy {100 * best['accuracy']:.2f}%)")
         if not isinstance(alpha, (list, tuple)):
             scalars["alpha"] = float(alpha)
-        k = f"{self.rank} per task" if self.rank is not None else "floor(min(m, n) / T)"
+        options = {"alpha": alpha}
+        if self.alpha_grid_results is not None and isinstance(self.alpha, (list, tuple)):
+            options["task scales"] = self.alpha  # each task vector's, before the SVD; alpha scales the merged update
+        options.update(k=self.k_option(opening.ranks), T=opening.num_tasks, svd_method=self.svd_method)
         outputs = {"merged model (method.save_path)": saved, "alpha grid": grid_dir, "kept ranks per layer": ranks_file}
-        self.finish_run("TSV-M profile", {"alpha": alpha, "k": k, "T": opening.num_tasks, "svd_method": self.svd_method},
-                        outputs=outputs, results=results, scalars=scalars)
+        self.finish_run("TSV-M profile", options, outputs=outputs, results=results, scalars=scalars)
 
     def save(self, model: nn.Module, modelpool: BaseModelPool) -> str:
         """Write ``model`` (and the pool's tokenizer) in Hugging Face format to ``save_path``, atomically."""
@@ -200,10 +202,7 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         if self.save_tokenizer and getattr(modelpool, "tokenizer", None) is not None:
             tokenizer = modelpool.load_tokenizer()
         path = str(save_hf_model(model, self.output_path(), tokenizer=tokenizer, max_shard_size=self.max_shard_size))
-        program = getattr(self, "_program", None)
-        if program is not None and getattr(program, "merged_model_save_path", None) is None:
-            log.info("TSV-M: saved by method.save_path; FusionBench's own merged_model_save_path is not set, so its "
-                     "program's next line ('No save path specified ... Skipping saving.') is about that option only")
+        self.explain_program_save_line()
         return path
 
     def _choose_alpha(self, model: nn.Module, updates: Dict[str, Tensor], task_scales: List[float], taskpool: Any,
@@ -226,8 +225,9 @@ class TSVMergeAlgorithm(TSVAlgorithmBase):
         log.info(
             f"TSV-M: T={num_tasks} tasks {opening.names}; device={opening.device}; dtype={', '.join(dtypes)} "
             f"(matrices merged in {', '.join(computed) or '-'}, svd_method={self.svd_method}); {len(matrix_keys)} matrices decomposed, "
-            f"{len(opening.other_keys)} other parameters averaged; alpha={self.alpha}"
-            + (f", alpha_grid={self.alpha_grid}" if self.alpha_grid else "")
+            f"{len(opening.other_keys)} other parameters averaged; "
+            + (f"alpha chosen on validation from alpha_grid={list(self.alpha_grid)}" if self.alpha_grid else f"alpha={self.alpha}")
+            + (f" (task scales alpha={self.alpha})" if self.alpha_grid and isinstance(self.alpha, (list, tuple)) else "")
         )
         low = [k for k in matrix_keys if min(base[k].shape) < num_tasks]
         if low:

@@ -127,15 +127,21 @@ def test_stored_fine_tuned_rows_normalize_runs_of_their_tasks(three_runs, capsys
     assert "the fine_tuned row of stored.json" in run["fine_tuned_from"]
 
 
-def test_tsv_c_report_normalizes_itself(tmp_path):
-    """TSV-C's routed report holds each fine-tuned model's accuracy on its own task."""
+@pytest.mark.parametrize("shape", ["program_report", "full_report"])
+def test_tsv_c_report_normalizes_itself(tmp_path, shape):
+    """TSV-C's routed reports hold each fine-tuned model's accuracy on its own task: the program_report.json its
+    run writes (what TSV-C returns to the program, :func:`routed_eval.program_report`) and the full report."""
+    from fusion_bench_tsv.methods.routed_eval import program_report
+
     run = fake_run(tmp_path, "c", "tsv/tsv_compress", {"_target_": "x.TSVCompressAlgorithm"}, [], {"a": 0.5})
     routed = {"method": "TSV-C", "routing": "oracle", "not_evaluated": [],
               "tasks": {t: {"accuracy": FINE[t] - 0.1, "loss": 1.0, "finetuned_accuracy": FINE[t]} for t in FINE},
-              "average": {"accuracy": 0.5}}
-    (run / "program_report.json").write_text(json.dumps(routed))
+              "average": {"accuracy": 0.5, "loss": 1.0, "finetuned_accuracy": 0.5}}
+    written = program_report(routed, str(tmp_path / "full.json")) if shape == "program_report" else routed
+    (run / "program_report.json").write_text(json.dumps(written))
     row = rows.read_run(run / "program_report.json")
     assert row["method"] == "tsv_compress" and row["alpha"] is None
+    assert row["per_task"] == pytest.approx({t: 100 * (FINE[t] - 0.1) for t in FINE}, rel=1e-12)
     assert row["normalized_accuracy"] == pytest.approx(_oracle({t: FINE[t] - 0.1 for t in FINE})[1], rel=1e-12)
     assert rows.read_fine_tuned(run) == FINE
 
@@ -312,3 +318,42 @@ def _mean_ratio(per_task_percent: dict, fine: dict):
     if min(fine[t] for t in per_task_percent) == 0:
         return None
     return pytest.approx(float(100 * np.mean([a / 100 / fine[t] for t, a in per_task_percent.items()])), rel=1e-12)
+
+
+def test_val_alpha_ignores_a_nan_validation_score(tmp_path, monkeypatch):
+    """A NaN validation accuracy (here at the first α) is skipped, not kept by max(); all NaN fails the row."""
+    pools = baselines.Pools("m", "t", "t_val")
+    validation = {0.1: float("nan"), 0.5: 0.2, 1.0: 0.4}
+
+    def compose(method, pools, overrides=(), split="test", log_dir=None):
+        alpha = float(next(o for o in overrides if o.startswith("method.scaling_factor=")).split("=")[1])
+        return {"alpha": alpha, "split": split}
+
+    def run_program(cfg, edit=None):
+        score = validation[cfg["alpha"]] if cfg["split"] == "validation" else 0.3
+        return {"a": score, "b": score}, None
+
+    monkeypatch.setattr(baselines, "compose", compose)
+    monkeypatch.setattr(baselines, "run_program", run_program)
+    runner = baselines._Runner(list(validation), tmp_path, {})
+    assert runner.row(pools, "task_arithmetic_val_alpha")["alpha"] == 1.0
+    validation.update({0.5: float("nan"), 1.0: float("nan")})
+    with pytest.raises(RuntimeError, match=r"task_arithmetic_val_alpha: the validation task pool t_val gave no finite"):
+        runner.row(pools, "task_arithmetic_val_alpha")
+
+
+def test_a_run_without_accuracies_in_a_directory_of_runs_is_skipped_with_a_note(three_runs, capsys):
+    """A run with taskpool=dummy saves a program_report.json without accuracies: in a directory holding runs it is
+    skipped and said so; named itself it is an error naming it."""
+    dummy = three_runs["runs"] / "r4"
+    dummy.mkdir()
+    (dummy / "program_report.json").write_text(json.dumps({"model_info": {"all_params": 10}}))
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(three_runs["runs"]), "--out", str(three_runs["tmp"] / "o1")])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out
+    assert f"skipped {dummy / 'program_report.json'}: no per-task accuracies" in printed
+    assert {r["source"] for r in json.loads((three_runs["tmp"] / "o1" / "comparison.json").read_text())} == {"r1", "r2", "r3"}
+    with pytest.raises(SystemExit) as done:
+        cli.main([str(dummy), "--out", str(three_runs["tmp"] / "o2")])
+    assert done.value.code == 2 and "r4/program_report.json: no per-task accuracies" in capsys.readouterr().err

@@ -63,8 +63,9 @@ def test_earlier_output_used_as_an_input_of_the_run_is_refused(disk_pool, tmp_pa
     before = snapshot(merged)
     for role in ["task_0", "_pretrained_"]:
         models = {**disk_pool, role: str(merged)}
-        with pytest.raises(OutputRefusedError, match=rf"{merged} is an input of this run \({merged}\)"):
+        with pytest.raises(OutputRefusedError, match=rf"{merged} is an input of this run \({merged}\)") as refused:
             merge(merged, CLIPVisionModelPool(models=models))
+        assert "move that one away" not in str(refused.value)  # moving an input away would break the run
         assert snapshot(merged) == before
     link = tmp_path / "link_to_pretrained"
     link.symlink_to(disk_pool["_pretrained_"])
@@ -175,16 +176,18 @@ def test_working_directory_and_its_ancestors_are_refused(tmp_path, monkeypatch, 
     work.mkdir(parents=True)
     monkeypatch.chdir(work)
     pool = make_pool()
-    with pytest.raises(OutputRefusedError, match=r"is the working directory"):
+    with pytest.raises(OutputRefusedError, match=r"is the working directory") as refused:
         merge(where, pool)
+    assert "move that one away" not in str(refused.value)  # not a fix for the directory the process runs in
     assert work.is_dir() and list(work.iterdir()) == [] and no_fine_tuned_loaded(pool)
 
 
 def test_log_dirs_ancestor_is_refused(tmp_path):
     log_dir = tmp_path / "outputs" / "run"
     log_dir.mkdir(parents=True)
-    with pytest.raises(OutputRefusedError, match=r"holds the run's log directory"):
+    with pytest.raises(OutputRefusedError, match=r"holds the run's log directory") as refused:
         output_dir(str(tmp_path / "outputs"), str(log_dir), "merged", "TSV-M")
+    assert "move that one away" not in str(refused.value)
 
 
 def test_tilde_is_expanded_to_the_home_directory_and_a_literal_one_refused(tmp_path, monkeypatch):
@@ -380,3 +383,12 @@ def test_sequential_runs_replace_their_own_output(tmp_path):
     merge(target)
     assert (target / "model.safetensors").is_file()
     assert set(json.loads((target / MARKER).read_text())["files"]) == set(snapshot(target)) - {MARKER}
+
+
+def test_a_users_directory_is_refused_with_both_fixes(tmp_path):
+    """A directory of the user's (not an input, not the working directory): a new path, or moving it away."""
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(OutputRefusedError, match=r"Give a new or empty directory .*, or move that one away$"):
+        output_dir(str(tmp_path / "mine"), None, "merged", "TSV-M")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

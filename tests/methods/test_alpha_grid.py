@@ -95,14 +95,16 @@ def test_gram_returned_model_within_rounding_of_plain_run_and_oracle():
     assert_state_within(got, oracle, bounds, "grid at alpha=2 vs float64 oracle")
 
 
-def test_per_task_alpha_list_still_scales_the_task_vectors():
-    """A list ``alpha`` scales each Δᵢ before the SVD; the grid scales the merged update: at α=1 the plain run."""
+def test_per_task_alpha_list_still_scales_the_task_vectors(capsys):
+    """A list ``alpha`` scales each Δᵢ before the SVD; the grid scales the merged update: at α=1 the plain run.
+    The summary shows both: the chosen α and the task scales."""
     models = make_pool_models(3)
     alphas = [0.5, 1.5, 0.8]
     merged = TSVMergeAlgorithm(alpha=alphas, alpha_grid=[2.0, 1.0], validation_taskpool=ScriptedTaskPool([0.1, 0.2]),
                                show_pbar=False, svd_method="svd").run(copy_pool(models)).state_dict()
     expected = plain(models, alphas, "svd")
     assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert "TSV-M summary: alpha=1.0, task scales=[0.5, 1.5, 0.8], k=" in capsys.readouterr().out
 
 
 def test_outputs_in_log_dir_and_no_validation_report(tmp_path):

@@ -40,3 +40,22 @@ def test_callback_prints_the_summary_at_the_end_of_a_job_and_nothing_after_a_fai
         assert ("  average accuracy: 50.00% over 1 task" in out) == printed and ("summary:" in out) == printed
     _summary(tmp_path).finish()  # outside a job (Python): printed at once, without accuracy
     assert capsys.readouterr().out.startswith("TSV-M summary: alpha=1.0, T=2\n  time: 1.2 s")
+
+
+def test_callback_ignores_an_earlier_runs_report_at_a_fixed_path(tmp_path, capsys):
+    """report_save_path fixed (no {log_dir}) and a run that writes no report (taskpool=dummy): the file an earlier
+    run left there is not this run's accuracy; a report written during the job is."""
+    fixed = tmp_path / "report.json"
+    fixed.write_text(json.dumps({"a": {"accuracy": 0.5}, "average": {"accuracy": 0.5}}))
+    config = OmegaConf.create({"report_save_path": str(fixed)})
+    callback = RunSummaryCallback()
+    callback.on_job_start(config)
+    _summary(tmp_path).finish()
+    callback.on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+    out = capsys.readouterr().out
+    assert "TSV-M summary:" in out and "average accuracy" not in out
+    callback.on_job_start(config)
+    _summary(tmp_path).finish()
+    fixed.write_text(json.dumps({"a": {"accuracy": 0.25}, "average": {"accuracy": 0.25}}))  # this job's program
+    callback.on_job_end(config, JobReturn(status=JobStatus.COMPLETED))
+    assert "  average accuracy: 25.00% over 1 task" in capsys.readouterr().out

@@ -435,3 +435,6 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     assert f"  average accuracy: {100 * report['average']['accuracy']:.2f}% over 2 tasks" in lines
     assert f"  full report: {log_dir / 'tsv_compress_report.json'}" in lines
     assert "TSV-C routed: average {" not in proc.stdout + proc.stderr  # the former unrounded dict
+    # FusionBench's 'No save path specified ...' after the run is explained, as for TSV-M (the job's log file)
+    (log_file,) = log_dir.glob("*.log")
+    assert "TSV-C: saved by method.save_path; FusionBench's own merged_model_save_path" in log_file.read_text()
