@@ -141,7 +141,7 @@ SUITES: Dict[str, Tuple[BuildSettings, str]] = {
     "tiny_clip": (BuildSettings(), "2-layer width-64 ViT, seconds per task: tests"),
     "small_clip": (
         BuildSettings(patch_size=4, pretrain_steps=8000, pretrain_threads=1, pretrain_task_fraction=0.5,
-                      finetune_lr=3e-4, real_pools=1, tasks=SMALL_CLIP_TASKS),
+                      finetune_lr=8e-4, real_pools=1, tasks=SMALL_CLIP_TASKS),
         "ViT with 4-pixel patches (65 tokens) fine-tuned from the backbone the package ships (pretrained long on "
         "a corpus that covers the tasks' train images), MNIST and scikit-learn's digits first: the suite in the "
         "paper's regime, and the demo's",
