@@ -47,7 +47,6 @@ METHODS: Dict[str, Tuple[str, Optional[str]]] = {
 """Name in a comparison → (FusionBench method config, the option that scales the merged update, or None)."""
 
 REPORT_FILE = "program_report.json"
-_HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
 def _task_entries(report: Mapping[str, Any]) -> Mapping[str, Any]:
