@@ -34,7 +34,7 @@ from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, 
 
 from .atomic import expand_log_dir, write_dir_atomic
 
-__all__ = ["MARKER", "OutputRefusedError", "output_dir", "replace_refusal", "write_output_dir"]
+__all__ = ["MARKER", "OutputRefusedError", "file_sha256", "output_dir", "replace_refusal", "write_output_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class _State:
 _CHECKED: Dict[str, _State] = {}  # target -> its state at this process's last check (output_dir)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the file at ``path``, read in chunks (``hashlib.file_digest`` needs Python 3.11; we support 3.10)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -166,7 +167,7 @@ def _changed_files(root: Path, files: Mapping[str, Mapping]) -> List[str]:
             to_hash.append(name)
     if changed:
         return changed
-    return [f"{name} (content changed)" for name in to_hash if _sha256(root / name) != files[name]["sha256"]]
+    return [f"{name} (content changed)" for name in to_hash if file_sha256(root / name) != files[name]["sha256"]]
 
 
 def _shown(entries: Sequence[str]) -> str:
@@ -322,7 +323,7 @@ def _marker_record(tmp: Path, target: Path, owner: str) -> dict:
     for current, dirs, names in os.walk(tmp):  # our own new directory: walked once, to list and hash it
         rel = Path(current).relative_to(tmp)
         files.update({(rel / n).as_posix(): {"bytes": os.lstat(Path(current, n)).st_size,
-                                              "sha256": _sha256(Path(current, n))} for n in names})
+                                              "sha256": file_sha256(Path(current, n))} for n in names})
     run = {"id": _RUN_ID, "host": socket.gethostname(), "pid": os.getpid(),
            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"written_by": "fusion_bench_tsv", "format": _FORMAT, "method": owner, "path": str(target),
