@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .atomic import expand_log_dir, write_dir_atomic
 
@@ -179,13 +179,22 @@ def _shown(entries: Sequence[str]) -> str:
 def replace_refusal(path: Union[str, os.PathLike], owner: str) -> Optional[str]:
     """Why the existing ``path`` may not be replaced by an output of method ``owner``, or None when it may
     (nothing there, an empty directory, or ``owner``'s unchanged output written to ``path``)."""
+    return _check(Path(path), owner)[0]
+
+
+def _check(path: Path, owner: str) -> Tuple[Optional[str], _State]:
+    """:func:`replace_refusal`'s reason, and what is at ``path`` when it may be replaced, from one reading of
+    its marker."""
+    marker = _read_marker(path)  # None when there is no directory or no valid marker
     try:
-        return _replace_refusal(Path(path), owner)
+        reason = _replace_refusal(path, owner, marker)
     except OSError as e:  # e.g. a directory this user may not read: nothing is known to be replaceable
-        return f"cannot be read ({e.strerror or e})"
+        return f"cannot be read ({e.strerror or e})", _State(None)
+    run = marker.get("run") if marker is not None and reason is None else None
+    return reason, (_State(str(run.get("id")), _who(marker)) if isinstance(run, Mapping) else _State(None))
 
 
-def _replace_refusal(path: Path, owner: str) -> Optional[str]:
+def _replace_refusal(path: Path, owner: str, marker: Optional[dict]) -> Optional[str]:
     if not os.path.lexists(path):
         return None
     if not path.is_dir() or path.is_symlink():
@@ -193,7 +202,6 @@ def _replace_refusal(path: Path, owner: str) -> Optional[str]:
     with os.scandir(path) as it:
         if next(it, None) is None:
             return None
-    marker = _read_marker(path)
     if marker is None:
         return f"is a directory holding files {owner} did not write ({_shown(_some_entries(path))})"
     if marker.get("method") != owner:
@@ -214,12 +222,6 @@ def _replace_refusal(path: Path, owner: str) -> Optional[str]:
     if changed:
         return f"holds files changed since {owner} wrote them ({_shown(changed)})"
     return None
-
-
-def _state(path: Path) -> _State:
-    marker = _read_marker(path) if path.is_dir() else None
-    run = marker.get("run") if marker is not None and isinstance(marker.get("run"), Mapping) else None
-    return _State(None) if run is None else _State(str(run.get("id")), _who(marker))
 
 
 def _refuse(path: Path, reason: str, owner: str, option: str, value: str, default_name: str,
@@ -309,12 +311,12 @@ def output_dir(
         if _within(path, source):
             where = "is" if path == source else "holds" if path in source.parents else "is inside"
             refuse(f"{where} an input of this run ({given})", movable=False)
-    reason = replace_refusal(path, owner)
+    reason, found = _check(path, owner)
     if reason is not None:
         refuse(reason)
     _check_parent(path, owner, option, save_path)
     if record:
-        _CHECKED[str(path)] = _state(path)
+        _CHECKED[str(path)] = found
     return path
 
 
@@ -351,10 +353,9 @@ def write_output_dir(
         (tmp / MARKER).write_text(json.dumps(record, indent=1))
 
     def still_free(target: Path) -> None:
-        reason = replace_refusal(target, owner)
+        reason, now = _check(target, owner)
         if reason is not None:
             _refuse(target, reason + " (found right before replacing it)", owner, option, str(path), path.name)
-        now = _state(target)
         if checked is not None and now.run is not None and now.run != checked.run:
             kept = target.with_name(f"{target.name}.run-{_RUN_ID[:8]}")
             os.rename(written[0], kept)
