@@ -319,12 +319,13 @@ def save_compressed(
         **dict(extra or {}),
     }
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> Dict[str, str]:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
-        # hashed as written: what the loader will read
-        manifest["files"] = {TENSOR_FILE: {"bytes": (tmp / TENSOR_FILE).stat().st_size,
-                                           "sha256": file_sha256(tmp / TENSOR_FILE)}}
+        # hashed as written: what the loader will read (and what the output marker records)
+        digest = file_sha256(tmp / TENSOR_FILE)
+        manifest["files"] = {TENSOR_FILE: {"bytes": (tmp / TENSOR_FILE).stat().st_size, "sha256": digest}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        return {TENSOR_FILE: digest}
 
     write_output_dir(directory, write, "TSV-C")
     return manifest

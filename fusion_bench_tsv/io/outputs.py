@@ -320,12 +320,15 @@ def output_dir(
     return path
 
 
-def _marker_record(tmp: Path, target: Path, owner: str) -> dict:
+def _marker_record(tmp: Path, target: Path, owner: str, hashed: Mapping[str, str]) -> dict:
+    """``hashed``: SHA-256 of files the writer already computed, by relative path (not read again)."""
     files = {}
     for current, dirs, names in os.walk(tmp):  # our own new directory: walked once, to list and hash it
         rel = Path(current).relative_to(tmp)
-        files.update({(rel / n).as_posix(): {"bytes": os.lstat(Path(current, n)).st_size,
-                                              "sha256": file_sha256(Path(current, n))} for n in names})
+        for n in names:
+            name = (rel / n).as_posix()
+            files[name] = {"bytes": os.lstat(Path(current, n)).st_size,
+                           "sha256": hashed.get(name) or file_sha256(Path(current, n))}
     run = {"id": _RUN_ID, "host": socket.gethostname(), "pid": os.getpid(),
            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"written_by": "fusion_bench_tsv", "format": _FORMAT, "method": owner, "path": str(target),
@@ -333,9 +336,11 @@ def _marker_record(tmp: Path, target: Path, owner: str) -> dict:
 
 
 def write_output_dir(
-    path: Union[str, os.PathLike], write: Callable[[Path], None], owner: str, option: str = "save_path"
+    path: Union[str, os.PathLike], write: Callable[[Path], Optional[Mapping[str, str]]], owner: str,
+    option: str = "save_path"
 ) -> Path:
-    """``write(tmp)`` into a new directory, add :data:`MARKER`, and move it to ``path`` atomically.
+    """``write(tmp)`` into a new directory, add :data:`MARKER`, and move it to ``path`` atomically. ``write``
+    may return the SHA-256 of files it hashed itself (``{relative path: hex digest}``): the marker takes them.
 
     Right before the move ``path`` is checked again (:func:`replace_refusal`), and compared with what
     :func:`output_dir` found there: when another run has written it since, nothing is replaced, this run's
@@ -348,8 +353,8 @@ def write_output_dir(
 
     def marked(tmp: Path) -> None:
         written.append(tmp)
-        write(tmp)
-        record = _marker_record(tmp, path, owner)
+        hashed = write(tmp)  # a writer may return anything else (e.g. write_text's count): only a mapping counts
+        record = _marker_record(tmp, path, owner, hashed if isinstance(hashed, Mapping) else {})
         (tmp / MARKER).write_text(json.dumps(record, indent=1))
 
     def still_free(target: Path) -> None:
