@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .outputs import output_dir, write_output_dir
+from .outputs import file_sha256, output_dir, write_output_dir
 from ..functional import SVDFactors, compute_dtype, factor_numel, reconstruct
 from .paths import confined_path
 from .safetensors_state import SAFETENSORS_DTYPES, CheckpointError, check_tensor_finite, read_safetensors_header
@@ -161,14 +161,6 @@ def base_fingerprint(base_state: Mapping[str, Tensor]) -> Dict[str, Dict[str, st
         if torch.is_floating_point(value):
             out[key] = {"dtype": _dtype_name(value.dtype), "sha256": hashlib.sha256(_tensor_bytes(value)).hexdigest()}
     return out
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def storage_accounting(
@@ -327,12 +319,13 @@ def save_compressed(
         **dict(extra or {}),
     }
 
-    def write(tmp: Path) -> None:
+    def write(tmp: Path) -> Dict[str, str]:
         save_file(tensors, str(tmp / TENSOR_FILE), metadata={"format": FORMAT})
-        # hashed as written: what the loader will read
-        manifest["files"] = {TENSOR_FILE: {"bytes": (tmp / TENSOR_FILE).stat().st_size,
-                                           "sha256": _file_digest(tmp / TENSOR_FILE)}}
+        # hashed as written: what the loader will read (and what the output marker records)
+        digest = file_sha256(tmp / TENSOR_FILE)
+        manifest["files"] = {TENSOR_FILE: {"bytes": (tmp / TENSOR_FILE).stat().st_size, "sha256": digest}}
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        return {TENSOR_FILE: digest}
 
     write_output_dir(directory, write, "TSV-C")
     return manifest

@@ -30,11 +30,11 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 from .atomic import expand_log_dir, write_dir_atomic
 
-__all__ = ["MARKER", "OutputRefusedError", "output_dir", "replace_refusal", "write_output_dir"]
+__all__ = ["MARKER", "OutputRefusedError", "file_sha256", "output_dir", "replace_refusal", "write_output_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ class _State:
 _CHECKED: Dict[str, _State] = {}  # target -> its state at this process's last check (output_dir)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """SHA-256 of the file at ``path``, read in chunks (``hashlib.file_digest`` needs Python 3.11; we support 3.10)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(_CHUNK):
@@ -166,7 +167,7 @@ def _changed_files(root: Path, files: Mapping[str, Mapping]) -> List[str]:
             to_hash.append(name)
     if changed:
         return changed
-    return [f"{name} (content changed)" for name in to_hash if _sha256(root / name) != files[name]["sha256"]]
+    return [f"{name} (content changed)" for name in to_hash if file_sha256(root / name) != files[name]["sha256"]]
 
 
 def _shown(entries: Sequence[str]) -> str:
@@ -178,13 +179,22 @@ def _shown(entries: Sequence[str]) -> str:
 def replace_refusal(path: Union[str, os.PathLike], owner: str) -> Optional[str]:
     """Why the existing ``path`` may not be replaced by an output of method ``owner``, or None when it may
     (nothing there, an empty directory, or ``owner``'s unchanged output written to ``path``)."""
+    return _check(Path(path), owner)[0]
+
+
+def _check(path: Path, owner: str) -> Tuple[Optional[str], _State]:
+    """:func:`replace_refusal`'s reason, and what is at ``path`` when it may be replaced, from one reading of
+    its marker."""
+    marker = _read_marker(path)  # None when there is no directory or no valid marker
     try:
-        return _replace_refusal(Path(path), owner)
+        reason = _replace_refusal(path, owner, marker)
     except OSError as e:  # e.g. a directory this user may not read: nothing is known to be replaceable
-        return f"cannot be read ({e.strerror or e})"
+        return f"cannot be read ({e.strerror or e})", _State(None)
+    run = marker.get("run") if marker is not None and reason is None else None
+    return reason, (_State(str(run.get("id")), _who(marker)) if isinstance(run, Mapping) else _State(None))
 
 
-def _replace_refusal(path: Path, owner: str) -> Optional[str]:
+def _replace_refusal(path: Path, owner: str, marker: Optional[dict]) -> Optional[str]:
     if not os.path.lexists(path):
         return None
     if not path.is_dir() or path.is_symlink():
@@ -192,7 +202,6 @@ def _replace_refusal(path: Path, owner: str) -> Optional[str]:
     with os.scandir(path) as it:
         if next(it, None) is None:
             return None
-    marker = _read_marker(path)
     if marker is None:
         return f"is a directory holding files {owner} did not write ({_shown(_some_entries(path))})"
     if marker.get("method") != owner:
@@ -213,12 +222,6 @@ def _replace_refusal(path: Path, owner: str) -> Optional[str]:
     if changed:
         return f"holds files changed since {owner} wrote them ({_shown(changed)})"
     return None
-
-
-def _state(path: Path) -> _State:
-    marker = _read_marker(path) if path.is_dir() else None
-    run = marker.get("run") if marker is not None and isinstance(marker.get("run"), Mapping) else None
-    return _State(None) if run is None else _State(str(run.get("id")), _who(marker))
 
 
 def _refuse(path: Path, reason: str, owner: str, option: str, value: str, default_name: str,
@@ -308,21 +311,24 @@ def output_dir(
         if _within(path, source):
             where = "is" if path == source else "holds" if path in source.parents else "is inside"
             refuse(f"{where} an input of this run ({given})", movable=False)
-    reason = replace_refusal(path, owner)
+    reason, found = _check(path, owner)
     if reason is not None:
         refuse(reason)
     _check_parent(path, owner, option, save_path)
     if record:
-        _CHECKED[str(path)] = _state(path)
+        _CHECKED[str(path)] = found
     return path
 
 
-def _marker_record(tmp: Path, target: Path, owner: str) -> dict:
+def _marker_record(tmp: Path, target: Path, owner: str, hashed: Mapping[str, str]) -> dict:
+    """``hashed``: SHA-256 of files the writer already computed, by relative path (not read again)."""
     files = {}
     for current, dirs, names in os.walk(tmp):  # our own new directory: walked once, to list and hash it
         rel = Path(current).relative_to(tmp)
-        files.update({(rel / n).as_posix(): {"bytes": os.lstat(Path(current, n)).st_size,
-                                              "sha256": _sha256(Path(current, n))} for n in names})
+        for n in names:
+            name = (rel / n).as_posix()
+            files[name] = {"bytes": os.lstat(Path(current, n)).st_size,
+                           "sha256": hashed.get(name) or file_sha256(Path(current, n))}
     run = {"id": _RUN_ID, "host": socket.gethostname(), "pid": os.getpid(),
            "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"written_by": "fusion_bench_tsv", "format": _FORMAT, "method": owner, "path": str(target),
@@ -330,9 +336,11 @@ def _marker_record(tmp: Path, target: Path, owner: str) -> dict:
 
 
 def write_output_dir(
-    path: Union[str, os.PathLike], write: Callable[[Path], None], owner: str, option: str = "save_path"
+    path: Union[str, os.PathLike], write: Callable[[Path], Optional[Mapping[str, str]]], owner: str,
+    option: str = "save_path"
 ) -> Path:
-    """``write(tmp)`` into a new directory, add :data:`MARKER`, and move it to ``path`` atomically.
+    """``write(tmp)`` into a new directory, add :data:`MARKER`, and move it to ``path`` atomically. ``write``
+    may return the SHA-256 of files it hashed itself (``{relative path: hex digest}``): the marker takes them.
 
     Right before the move ``path`` is checked again (:func:`replace_refusal`), and compared with what
     :func:`output_dir` found there: when another run has written it since, nothing is replaced, this run's
@@ -345,15 +353,14 @@ def write_output_dir(
 
     def marked(tmp: Path) -> None:
         written.append(tmp)
-        write(tmp)
-        record = _marker_record(tmp, path, owner)
+        hashed = write(tmp)  # a writer may return anything else (e.g. write_text's count): only a mapping counts
+        record = _marker_record(tmp, path, owner, hashed if isinstance(hashed, Mapping) else {})
         (tmp / MARKER).write_text(json.dumps(record, indent=1))
 
     def still_free(target: Path) -> None:
-        reason = replace_refusal(target, owner)
+        reason, now = _check(target, owner)
         if reason is not None:
             _refuse(target, reason + " (found right before replacing it)", owner, option, str(path), path.name)
-        now = _state(target)
         if checked is not None and now.run is not None and now.run != checked.run:
             kept = target.with_name(f"{target.name}.run-{_RUN_ID[:8]}")
             os.rename(written[0], kept)
