@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from ..io.atomic import write_atomic, write_dir_atomic
+from .data_root import DATA_ROOT_VAR, data_root
 
 __all__ = ["BuildSettings", "SUITES", "DEFAULT_SUITE", "default_root", "suite_dir", "suite_tasks", "build_benchmark",
            "main"]
@@ -40,7 +41,7 @@ BUILD_VERSION = 2  # bump when the generators or the training code change what t
 TASK_CORPUS_VERSION = 3  # bump when the task part of the pretraining corpus (tasks.caption_corpus_batch) changes
 OPENCLIP_EXPORT_VERSION = 2  # bump when the open_clip export's files change (2: safetensors, nothing pickled)
 STAMP = ".build_hash"
-ENV_VAR = "FUSION_BENCH_TSV_DATA"
+ENV_VAR = DATA_ROOT_VAR
 
 
 def _setting(default, doc: str):
@@ -156,7 +157,7 @@ def suite_tasks(suite: str) -> list:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "fusion_bench_tsv")
+    return Path(data_root())
 
 
 def suite_dir(root: Optional[os.PathLike] = None, suite: str = DEFAULT_SUITE) -> Path:
