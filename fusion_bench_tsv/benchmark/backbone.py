@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import write_atomic
+from ..io.outputs import _sha256 as _sha256_file
 
 __all__ = ["BACKBONES", "backbone_files", "packaged_backbone", "load_backbone", "pretrain_backbone", "main"]
 
@@ -46,14 +47,6 @@ def backbone_files(suite: str, directory: Optional[Path] = None) -> Tuple[Path, 
     """``(<dir>/<suite>.safetensors, <dir>/<suite>.json)``; ``dir`` defaults to :data:`BACKBONES`."""
     directory = Path(directory) if directory is not None else BACKBONES
     return directory / f"{suite}.safetensors", directory / f"{suite}.json"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packaged_backbone(settings, directory: Optional[Path] = None) -> Optional[Tuple[Path, str]]:
