@@ -121,8 +121,7 @@ def pretrain_backbone(settings, suite: str, directory: Optional[Path] = None, ch
     (default :data:`BACKBONES`), also every ``checkpoint_every`` steps (``"complete": false``)."""
     import dataclasses
 
-    from .build import _seed, make_clip
-    from .pretrain import pretrain_clip
+    from .build import _seed, make_clip, pretrain_with_settings
     from .tasks import task_by_name
     from .tiny_clip import clip_tokenizer
 
@@ -155,10 +154,7 @@ def pretrain_backbone(settings, suite: str, directory: Optional[Path] = None, ch
             log.info("step %d/%d, loss %.3f, %.0f s: %s", done, settings.pretrain_steps, loss, time.time() - t0,
                      "complete" if complete else "checkpoint")
 
-    pretrain_clip(clip, tokenizer, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_lr,
-                  seed=recipe["seed"], show_pbar=show_pbar, task_fraction=settings.pretrain_task_fraction,
-                  tasks=settings.task_names, name_fraction=settings.pretrain_name_fraction,
-                  real_pools=bool(settings.real_pools), on_step=on_step)
+    pretrain_with_settings(clip, settings, tokenizer, show_pbar, on_step)
     return weights, recipe_path
 
 

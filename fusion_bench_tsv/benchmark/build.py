@@ -208,7 +208,6 @@ def build_benchmark(
     from .tiny_clip import clip_tokenizer, save_clip
     from .finetune import accuracy, zero_shot_head
     from .backbone import load_backbone, packaged_backbone
-    from .pretrain import pretrain_clip
     from .tasks import task_by_name
 
     if suite not in SUITES:
@@ -237,9 +236,7 @@ def build_benchmark(
             log.info("no packaged backbone for these settings: pretraining (%d steps)", s.pretrain_steps)
             clip = make_clip(s)
             torch.set_num_threads(s.pretrain_threads)
-            pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
-                          seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction,
-                          tasks=s.task_names, name_fraction=s.pretrain_name_fraction, real_pools=bool(s.real_pools))
+            pretrain_with_settings(clip, s, clip_tokenizer(), show_pbar)
             torch.set_num_threads(1)
         _publish(pre, pre_digest, lambda tmp: save_clip(clip, tmp))
     clip = CLIPModel.from_pretrained(pre).eval()
@@ -303,6 +300,17 @@ def make_clip(s: BuildSettings):
 
     return make_tiny_clip(seed=s.seed, hidden_size=s.width, num_layers=s.layers, num_heads=s.heads,
                           image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
+
+
+def pretrain_with_settings(clip, s: BuildSettings, tokenizer, show_pbar: bool, on_step=None):
+    """:func:`~.pretrain.pretrain_clip` of ``clip`` in place with the settings' pretraining (steps, batch, lr, seed,
+    corpus); the caller sets ``s.pretrain_threads``."""
+    from .pretrain import pretrain_clip
+
+    return pretrain_clip(clip, tokenizer, s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
+                         seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction,
+                         tasks=s.task_names, name_fraction=s.pretrain_name_fraction, real_pools=bool(s.real_pools),
+                         on_step=on_step)
 
 
 def _splits(task, s: BuildSettings) -> dict:
