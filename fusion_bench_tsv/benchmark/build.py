@@ -258,7 +258,7 @@ def build_benchmark(
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if report.get("settings") != s.record():
         report = {"settings": s.record(), "tasks": {}}
-    pending = []  # (task, head, splits) of the tasks to fine-tune
+    pending = []  # (task, head, splits, fine-tuning digest) of the tasks to fine-tune
     for task in tasks[:num_tasks]:
         data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
         ft_digest = s.finetune_hash(task.name, backbone_sha)
@@ -274,20 +274,19 @@ def build_benchmark(
             _export_openclip_task(oc, task.name, model_dir, projection, head, scale, ft_digest)
         if _stamped(model_dir, ft_digest) and task.name in report["tasks"]:
             continue
-        pending.append((task, head, splits))
+        pending.append((task, head, splits, ft_digest))
         report["tasks"][task.name] = {
             "num_classes": task.num_classes,
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
         }
     workers = jobs_count(jobs, len(pending))
-    work = [(str(out), s, task.name, s.finetune_hash(task.name, backbone_sha), head, splits["train"], splits["test"],
-             show_pbar and workers == 1) for task, head, splits in pending]
+    work = [(str(out), s, task.name, digest, head, splits["train"], splits["test"], show_pbar and workers == 1)
+            for task, head, splits, digest in pending]
     results = tqdm(_map(_finetune_task, work, workers), total=len(work), desc=f"fine-tuning ({workers} processes)",
                    disable=not show_pbar or workers == 1)
-    for (task, head, _), fine_tuned_test in zip(pending, results):
+    for (task, head, _, digest), fine_tuned_test in zip(pending, results):
         if export_openclip:
-            _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale,
-                                  s.finetune_hash(task.name, backbone_sha))
+            _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale, digest)
         report["tasks"][task.name]["fine_tuned_test"] = fine_tuned_test
         write_atomic(report_path, lambda p: p.write_text(json.dumps(report, indent=1)))
     log.info("%s with %d tasks ready at %s (%.0f s)", suite, num_tasks, out, time.time() - t0)
