@@ -49,6 +49,10 @@ def _setting(default, doc: str):
     return dataclasses.field(default=default, metadata={"doc": doc})
 
 
+#: settings added after the first builds, which enter ``build.json`` and the pretraining stamp only when set
+_ADDED_LATER = ("pretrain_name_fraction", "real_pools", "tasks")
+
+
 @dataclasses.dataclass(frozen=True)
 class BuildSettings:
     """Everything the built artefacts depend on (their content hash is taken over these fields)."""
@@ -89,12 +93,16 @@ class BuildSettings:
             task_by_name(name)
         return names
 
-    def record(self) -> dict:
-        """The settings as ``build.json`` stores them: settings added later only when set, so earlier builds'
-        reports still match."""
-        later = {"pretrain_name_fraction", "real_pools", "tasks"}
+    def _set(self, *names: str) -> list:
+        """Those of ``names`` not at their defaults: settings added later enter ``build.json`` and the stamps only
+        when set, so earlier builds keep their reports and stamps."""
         defaults = BuildSettings()
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in later or v != getattr(defaults, k)}
+        return [n for n in names if getattr(self, n) != getattr(defaults, n)]
+
+    def record(self) -> dict:
+        """The settings as ``build.json`` stores them (:data:`_ADDED_LATER` only when set)."""
+        omitted = set(_ADDED_LATER) - set(self._set(*_ADDED_LATER))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in omitted}
 
     def digest(self, *fields: str, extra: str = "") -> str:
         values = {f: getattr(self, f) for f in fields}
@@ -105,15 +113,7 @@ class BuildSettings:
     def pretrain_hash(self) -> str:
         fields = ["seed", "image_size", "patch_size", "width", "layers", "heads", "projection_dim",
                   "pretrain_steps", "pretrain_batch", "pretrain_lr"]
-        # settings added later enter the hash only when set: builds without them keep their stamps
-        if self.pretrain_threads != 1:
-            fields.append("pretrain_threads")
-        if self.pretrain_name_fraction:
-            fields.append("pretrain_name_fraction")
-        if self.tasks:
-            fields.append("tasks")
-        if self.real_pools:
-            fields.append("real_pools")
+        fields += self._set("pretrain_threads", *_ADDED_LATER)  # only when set: earlier builds keep their stamps
         if self.pretrain_task_fraction:
             return self.digest(*fields, "pretrain_task_fraction", extra=f"task corpus {TASK_CORPUS_VERSION}")
         return self.digest(*fields)
