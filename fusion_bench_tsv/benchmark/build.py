@@ -312,11 +312,16 @@ def pretrain_with_settings(clip, s: BuildSettings, tokenizer, show_pbar: bool, o
                          on_step=on_step)
 
 
-def _splits(task, s: BuildSettings) -> dict:
+def _split(task, s: BuildSettings, split: str):
+    """``(images, labels)`` of ``task``'s ``split`` (``"train"``, ``"validation"``, ``"test"``) under the settings."""
     from .tasks import make_split
 
-    return {name: make_split(task, n, s.image_size, _seed(s, task.name, name), name if s.real_pools else None)
-            for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
+    n = {"train": s.train_size, "validation": s.val_size, "test": s.test_size}[split]
+    return make_split(task, n, s.image_size, _seed(s, task.name, split), split if s.real_pools else None)
+
+
+def _splits(task, s: BuildSettings) -> dict:
+    return {name: _split(task, s, name) for name in ("train", "validation", "test")}
 
 
 def _finetune_task(job) -> float:
