@@ -45,18 +45,16 @@ def evaluate(suite: Path, num_tasks: int, settings) -> dict:
     from transformers import CLIPModel, CLIPProcessor, CLIPVisionModel
 
     from fusion_bench_tsv import TSVMergeAlgorithm
-    from fusion_bench_tsv.benchmark.build import _seed
+    from fusion_bench_tsv.benchmark.build import _split
     from fusion_bench_tsv.benchmark.finetune import accuracy, zero_shot_head
-    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS, make_split, task_by_name
+    from fusion_bench_tsv.benchmark.tasks import ALL_TASKS, task_by_name
 
     clip = CLIPModel.from_pretrained(suite / "pretrained").eval()
     processor = CLIPProcessor.from_pretrained(suite / "pretrained")
     scale = float(clip.logit_scale.exp())
     report = json.loads((suite / "build.json").read_text())["tasks"]
     tasks = [task_by_name(n) for n in settings.task_names[:num_tasks]]
-    data = {t.name: {split: make_split(t, n, settings.image_size, _seed(settings, t.name, split),
-                                       split if settings.real_pools else None)
-                     for split, n in (("validation", settings.val_size), ("test", settings.test_size))} for t in tasks}
+    data = {t.name: {split: _split(t, settings, split) for split in ("validation", "test")} for t in tasks}
     heads = {t.name: zero_shot_head(clip, processor, t.classnames, t.templates) for t in tasks}
     pretrained = CLIPVisionModel(clip.config.vision_config)
     pretrained.vision_model.load_state_dict(clip.vision_model.state_dict())

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import write_atomic
+from ..io.outputs import _sha256 as _sha256_file
 
 __all__ = ["BACKBONES", "backbone_files", "packaged_backbone", "load_backbone", "pretrain_backbone", "main"]
 
@@ -46,14 +47,6 @@ def backbone_files(suite: str, directory: Optional[Path] = None) -> Tuple[Path, 
     """``(<dir>/<suite>.safetensors, <dir>/<suite>.json)``; ``dir`` defaults to :data:`BACKBONES`."""
     directory = Path(directory) if directory is not None else BACKBONES
     return directory / f"{suite}.safetensors", directory / f"{suite}.json"
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def packaged_backbone(settings, directory: Optional[Path] = None) -> Optional[Tuple[Path, str]]:
@@ -128,8 +121,7 @@ def pretrain_backbone(settings, suite: str, directory: Optional[Path] = None, ch
     (default :data:`BACKBONES`), also every ``checkpoint_every`` steps (``"complete": false``)."""
     import dataclasses
 
-    from .build import _seed, make_clip
-    from .pretrain import pretrain_clip
+    from .build import _seed, make_clip, pretrain_with_settings
     from .tasks import task_by_name
     from .tiny_clip import clip_tokenizer
 
@@ -162,10 +154,7 @@ def pretrain_backbone(settings, suite: str, directory: Optional[Path] = None, ch
             log.info("step %d/%d, loss %.3f, %.0f s: %s", done, settings.pretrain_steps, loss, time.time() - t0,
                      "complete" if complete else "checkpoint")
 
-    pretrain_clip(clip, tokenizer, settings.pretrain_steps, settings.pretrain_batch, settings.pretrain_lr,
-                  seed=recipe["seed"], show_pbar=show_pbar, task_fraction=settings.pretrain_task_fraction,
-                  tasks=settings.task_names, name_fraction=settings.pretrain_name_fraction,
-                  real_pools=bool(settings.real_pools), on_step=on_step)
+    pretrain_with_settings(clip, settings, tokenizer, show_pbar, on_step)
     return weights, recipe_path
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Dict, Optional, Tuple
 
 from ..io.atomic import write_atomic, write_dir_atomic
+from .data_root import DATA_ROOT_VAR, data_root
 
 __all__ = ["BuildSettings", "SUITES", "DEFAULT_SUITE", "default_root", "suite_dir", "suite_tasks", "build_benchmark",
            "main"]
@@ -40,12 +41,16 @@ BUILD_VERSION = 2  # bump when the generators or the training code change what t
 TASK_CORPUS_VERSION = 3  # bump when the task part of the pretraining corpus (tasks.caption_corpus_batch) changes
 OPENCLIP_EXPORT_VERSION = 2  # bump when the open_clip export's files change (2: safetensors, nothing pickled)
 STAMP = ".build_hash"
-ENV_VAR = "FUSION_BENCH_TSV_DATA"
+ENV_VAR = DATA_ROOT_VAR
 
 
 def _setting(default, doc: str):
     """A :class:`BuildSettings` field with its meaning (shown by ``fusion-bench-tsv-build --help``)."""
     return dataclasses.field(default=default, metadata={"doc": doc})
+
+
+#: settings added after the first builds, which enter ``build.json`` and the pretraining stamp only when set
+_ADDED_LATER = ("pretrain_name_fraction", "real_pools", "tasks")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,12 +93,16 @@ class BuildSettings:
             task_by_name(name)
         return names
 
-    def record(self) -> dict:
-        """The settings as ``build.json`` stores them: settings added later only when set, so earlier builds'
-        reports still match."""
-        later = {"pretrain_name_fraction", "real_pools", "tasks"}
+    def _set(self, *names: str) -> list:
+        """Those of ``names`` not at their defaults: settings added later enter ``build.json`` and the stamps only
+        when set, so earlier builds keep their reports and stamps."""
         defaults = BuildSettings()
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in later or v != getattr(defaults, k)}
+        return [n for n in names if getattr(self, n) != getattr(defaults, n)]
+
+    def record(self) -> dict:
+        """The settings as ``build.json`` stores them (:data:`_ADDED_LATER` only when set)."""
+        omitted = set(_ADDED_LATER) - set(self._set(*_ADDED_LATER))
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in omitted}
 
     def digest(self, *fields: str, extra: str = "") -> str:
         values = {f: getattr(self, f) for f in fields}
@@ -104,15 +113,7 @@ class BuildSettings:
     def pretrain_hash(self) -> str:
         fields = ["seed", "image_size", "patch_size", "width", "layers", "heads", "projection_dim",
                   "pretrain_steps", "pretrain_batch", "pretrain_lr"]
-        # settings added later enter the hash only when set: builds without them keep their stamps
-        if self.pretrain_threads != 1:
-            fields.append("pretrain_threads")
-        if self.pretrain_name_fraction:
-            fields.append("pretrain_name_fraction")
-        if self.tasks:
-            fields.append("tasks")
-        if self.real_pools:
-            fields.append("real_pools")
+        fields += self._set("pretrain_threads", *_ADDED_LATER)  # only when set: earlier builds keep their stamps
         if self.pretrain_task_fraction:
             return self.digest(*fields, "pretrain_task_fraction", extra=f"task corpus {TASK_CORPUS_VERSION}")
         return self.digest(*fields)
@@ -156,7 +157,7 @@ def suite_tasks(suite: str) -> list:
 
 
 def default_root() -> Path:
-    return Path(os.environ.get(ENV_VAR) or Path.home() / ".cache" / "fusion_bench_tsv")
+    return Path(data_root())
 
 
 def suite_dir(root: Optional[os.PathLike] = None, suite: str = DEFAULT_SUITE) -> Path:
@@ -207,7 +208,6 @@ def build_benchmark(
     from .tiny_clip import clip_tokenizer, save_clip
     from .finetune import accuracy, zero_shot_head
     from .backbone import load_backbone, packaged_backbone
-    from .pretrain import pretrain_clip
     from .tasks import task_by_name
 
     if suite not in SUITES:
@@ -236,9 +236,7 @@ def build_benchmark(
             log.info("no packaged backbone for these settings: pretraining (%d steps)", s.pretrain_steps)
             clip = make_clip(s)
             torch.set_num_threads(s.pretrain_threads)
-            pretrain_clip(clip, clip_tokenizer(), s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
-                          seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction,
-                          tasks=s.task_names, name_fraction=s.pretrain_name_fraction, real_pools=bool(s.real_pools))
+            pretrain_with_settings(clip, s, clip_tokenizer(), show_pbar)
             torch.set_num_threads(1)
         _publish(pre, pre_digest, lambda tmp: save_clip(clip, tmp))
     clip = CLIPModel.from_pretrained(pre).eval()
@@ -260,7 +258,7 @@ def build_benchmark(
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     if report.get("settings") != s.record():
         report = {"settings": s.record(), "tasks": {}}
-    pending = []  # (task, head, splits) of the tasks to fine-tune
+    pending = []  # (task, head, splits, fine-tuning digest) of the tasks to fine-tune
     for task in tasks[:num_tasks]:
         data_dir, model_dir = out / "data" / task.name, out / "models" / task.name
         ft_digest = s.finetune_hash(task.name, backbone_sha)
@@ -276,20 +274,19 @@ def build_benchmark(
             _export_openclip_task(oc, task.name, model_dir, projection, head, scale, ft_digest)
         if _stamped(model_dir, ft_digest) and task.name in report["tasks"]:
             continue
-        pending.append((task, head, splits))
+        pending.append((task, head, splits, ft_digest))
         report["tasks"][task.name] = {
             "num_classes": task.num_classes,
             "zero_shot_test": accuracy(clip.vision_model, clip.visual_projection, head, scale, *splits["test"]),
         }
     workers = jobs_count(jobs, len(pending))
-    work = [(str(out), s, task.name, s.finetune_hash(task.name, backbone_sha), head, splits["train"], splits["test"],
-             show_pbar and workers == 1) for task, head, splits in pending]
+    work = [(str(out), s, task.name, digest, head, splits["train"], splits["test"], show_pbar and workers == 1)
+            for task, head, splits, digest in pending]
     results = tqdm(_map(_finetune_task, work, workers), total=len(work), desc=f"fine-tuning ({workers} processes)",
                    disable=not show_pbar or workers == 1)
-    for (task, head, _), fine_tuned_test in zip(pending, results):
+    for (task, head, _, digest), fine_tuned_test in zip(pending, results):
         if export_openclip:
-            _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale,
-                                  s.finetune_hash(task.name, backbone_sha))
+            _export_openclip_task(oc, task.name, out / "models" / task.name, projection, head, scale, digest)
         report["tasks"][task.name]["fine_tuned_test"] = fine_tuned_test
         write_atomic(report_path, lambda p: p.write_text(json.dumps(report, indent=1)))
     log.info("%s with %d tasks ready at %s (%.0f s)", suite, num_tasks, out, time.time() - t0)
@@ -304,11 +301,27 @@ def make_clip(s: BuildSettings):
                           image_size=s.image_size, patch_size=s.patch_size, projection_dim=s.projection_dim)
 
 
-def _splits(task, s: BuildSettings) -> dict:
+def pretrain_with_settings(clip, s: BuildSettings, tokenizer, show_pbar: bool, on_step=None):
+    """:func:`~.pretrain.pretrain_clip` of ``clip`` in place with the settings' pretraining (steps, batch, lr, seed,
+    corpus); the caller sets ``s.pretrain_threads``."""
+    from .pretrain import pretrain_clip
+
+    return pretrain_clip(clip, tokenizer, s.pretrain_steps, s.pretrain_batch, s.pretrain_lr,
+                         seed=_seed(s, "pretrain"), show_pbar=show_pbar, task_fraction=s.pretrain_task_fraction,
+                         tasks=s.task_names, name_fraction=s.pretrain_name_fraction, real_pools=bool(s.real_pools),
+                         on_step=on_step)
+
+
+def _split(task, s: BuildSettings, split: str):
+    """``(images, labels)`` of ``task``'s ``split`` (``"train"``, ``"validation"``, ``"test"``) under the settings."""
     from .tasks import make_split
 
-    return {name: make_split(task, n, s.image_size, _seed(s, task.name, name), name if s.real_pools else None)
-            for name, n in (("train", s.train_size), ("validation", s.val_size), ("test", s.test_size))}
+    n = {"train": s.train_size, "validation": s.val_size, "test": s.test_size}[split]
+    return make_split(task, n, s.image_size, _seed(s, task.name, split), split if s.real_pools else None)
+
+
+def _splits(task, s: BuildSettings) -> dict:
+    return {name: _split(task, s, name) for name in ("train", "validation", "test")}
 
 
 def _finetune_task(job) -> float:
