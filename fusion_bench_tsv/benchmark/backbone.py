@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from ..io.atomic import write_atomic
-from ..io.outputs import _sha256 as _sha256_file
+from ..io.outputs import file_sha256
 
 __all__ = ["BACKBONES", "backbone_files", "packaged_backbone", "load_backbone", "pretrain_backbone", "main"]
 
@@ -57,7 +57,7 @@ def packaged_backbone(settings, directory: Optional[Path] = None) -> Optional[Tu
         recipe = json.loads(recipe_path.read_text())
         weights = recipe_path.with_suffix(".safetensors")
         if recipe.get("complete") and recipe.get("pretrain_hash") == settings.pretrain_hash and weights.is_file():
-            digest = _sha256_file(weights)
+            digest = file_sha256(weights)
             if digest != recipe["weights_sha256"]:
                 raise ValueError(f"backbone {weights}: SHA-256 {digest} differs from its recipe's "
                                  f"{recipe['weights_sha256']} ({recipe_path}); rebuild it with fusion-bench-tsv-pretrain")
@@ -89,7 +89,7 @@ def _save(clip, token_ids, weights: Path, recipe: dict, recipe_path: Path) -> No
     state["token_rows"] = state.pop(TOKEN_EMBEDDING)[ids].contiguous()
     state["token_ids"] = ids
     write_atomic(weights, lambda p: save_file(state, str(p)))
-    recipe = {**recipe, "vocabulary_rows": len(ids), "weights_sha256": _sha256_file(weights)}
+    recipe = {**recipe, "vocabulary_rows": len(ids), "weights_sha256": file_sha256(weights)}
     write_atomic(recipe_path, lambda p: p.write_text(json.dumps(recipe, indent=1) + "\n"))
 
 
