@@ -47,16 +47,8 @@ from tqdm.auto import tqdm
 from fusion_bench import BaseModelPool
 from fusion_bench.mixins import auto_register_config
 
-from ..functional import (
-    SVDFactors,
-    compute_dtype,
-    mean_pairwise_cosine,
-    pairwise_sti_from_factors,
-    sti_from_factors,
-    task_cosine_similarity,
-    truncate_factors,
-    truncated_svd,
-)
+from ..functional import SVDFactors, compute_dtype, task_cosine_similarity, truncated_svd
+from ..functional.interference import layer_interference
 from ..io.keys import DEFAULT_EXCLUDE_KEYS, unique_storage_keys
 from ..io.outputs import write_output_dir
 from ..io.streaming import iter_finetuned_states
@@ -108,37 +100,22 @@ def analyse_layer(
     matrix is released once it is decomposed. ``max_bytes`` bounds the blocks of the interference product.
     ``options``: each task's rank-revealing keywords of the full-rank SVD (:func:`~fusion_bench_tsv.functional.rank_options`;
     none: all triplets)."""
+    cosine = None
     if full_rank:
         kept = [d.to(device) for d in kept]
-        cosine = mean_pairwise_cosine(task_cosine_similarity(kept))
-        full = []
+        cosine = task_cosine_similarity(kept)  # of the task matrices, exact
+        factors = []
         for i in range(len(kept)):
             d = kept.pop(0)
-            full.append(truncated_svd(d, min(d.shape), **(options[i] if options else {})))
+            factors.append(truncated_svd(d, min(d.shape), **(options[i] if options else {})))
             del d
-        factors = [truncate_factors(f, k) for f in full]
     else:
-        full = None
         factors = [SVDFactors(*(t.to(device) for t in f)) for f in kept]
-        cosine = mean_pairwise_cosine(task_cosine_similarity(factors))
-
-    def value(t: Tensor) -> float:
-        return float(t.double())
-
     m, n = factors[0].U.shape[0], factors[0].Vh.shape[1]
-    row = {"layer": key, "shape": f"{m}x{n}", "k": k, "kept": [int(f.S.numel()) for f in factors]}
-    sigma_l1 = torch.stack([f.S.abs().sum() for f in factors])  # ‖Σᵢ‖₁ of each task at rank k
-    row["sti_full"] = value(sti_from_factors(full, max_bytes=max_bytes)) if full else None
-    row["sti_full_normalized"] = row["sti_full"] / value(sum(f.S.abs().sum() for f in full)) if full else None
-    row["sti"] = value(sti_from_factors(factors, max_bytes=max_bytes))
-    row["sti_normalized"] = row["sti"] / value(sigma_l1.sum())
-    row["sti_decorrelated"] = value(sti_from_factors(factors, decorrelate=True, max_bytes=max_bytes))
-    row["sti_decorrelated_normalized"] = row["sti_decorrelated"] / value(sigma_l1.sum())
-    row["cosine_mean"] = value(cosine)
-    # normalized pairwise entry (i, j): STI of {i, j} / (‖Σᵢ‖₁ + ‖Σⱼ‖₁), as pairwise_sti_from_factors does
-    pair = pairwise_sti_from_factors(factors).double().cpu()
-    pair_sigma = sigma_l1.double().cpu()
-    return row, pair, pair / (pair_sigma[:, None] + pair_sigma[None, :])
+    values, pair, pair_normalized = layer_interference(
+        factors, k, full_rank=full_rank, cosine=cosine, max_bytes=max_bytes
+    )
+    return {"layer": key, "shape": f"{m}x{n}", "k": k, **values}, pair, pair_normalized
 
 
 def keep_task(state: Mapping[str, Tensor], base: Mapping[str, Tensor], ranks: Mapping[str, int],

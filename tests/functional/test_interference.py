@@ -67,7 +67,7 @@ def test_blocked_sti_matches_float64_formula_and_never_forms_the_product(k):
     factors = task_factors(deltas, k)
     expected, _ = oracle_sti(deltas, k)
     p = T * k
-    s_max = max(float(f.S.max()) for f in factors)
+    s_max = max(float(S.max()) for _, S, _ in factors)
     # each of the p² entries sums p terms |X_il σ_l Y_lj| <= σ_max (|X|, |Y| <= 1 for orthonormal task
     # factors), each from inner products of length <= m + n + p: error <= p²·p·(m + n + p)·ε64·σ_max
     bound = p**3 * (m + n + p) * torch.finfo(torch.float64).eps * s_max
@@ -186,3 +186,20 @@ def test_bad_input_errors():
     originals = [d.clone() for d in deltas]
     singular_task_interference(deltas, 2, decorrelate=True)
     assert all(torch.equal(a, b) for a, b in zip(deltas, originals))  # inputs untouched
+
+
+def test_top_k_svd_keeps_the_numerical_rank_as_truncated_svd_does():
+    from functools import partial
+
+    from fusion_bench_tsv.functional import truncated_svd
+    from fusion_bench_tsv.functional.interference import top_k_svd
+
+    for dtype in (torch.float32, torch.float64):
+        deltas = low_rank_tasks(T=2, m=12, n=9, rank=3, dtype=dtype)
+        for k in (2, 3, 6):
+            got, ref = top_k_svd(deltas[0], k), truncated_svd(deltas[0], k, rank_revealing=True)
+            assert got.S.numel() == min(k, 3) and all(torch.equal(a, b) for a, b in zip(got, ref)), (dtype, k)
+        plain = task_factors(deltas, 6, svd=partial(top_k_svd, rank_revealing=False))
+        assert [f.S.numel() for f in plain] == [6, 6]  # the plain top-k on request
+    zero = top_k_svd(torch.zeros(4, 3), 2)
+    assert zero.S.numel() == 1 and float(zero.S[0]) == 0.0  # a zero update keeps one σ = 0 triplet

@@ -139,7 +139,7 @@ def test_tsv_c_and_sti_decompose_small_matrices_on_one_thread(two_threads, monke
 
     recorded(tsvc_module, "compress_matrix")
     recorded(sti_module, "truncated_svd")
-    recorded(sti_module, "sti_from_factors")
+    recorded(sti_module, "layer_interference")
     torch.manual_seed(0)
     pool = {"_pretrained_": torch.nn.Linear(16, 12)}
     for i in range(3):
@@ -148,6 +148,6 @@ def test_tsv_c_and_sti_decompose_small_matrices_on_one_thread(two_threads, monke
     TSVCompressAlgorithm(device="cpu", show_pbar=False).compress(pool)
     STIAnalysis(device="cpu", show_pbar=False).run(pool)
     STIAnalysis(device="cpu", show_pbar=False, full_rank=False).run(pool)
-    assert {name for name, *_ in seen} == {"compress_matrix", "truncated_svd", "sti_from_factors"}
+    assert {name for name, *_ in seen} == {"compress_matrix", "truncated_svd", "layer_interference"}
     assert all(entry[1:] == (1, 1) for entry in seen), f"threads (torch, BLAS) seen: {sorted(set(seen))}"
     assert _threads_now() == (2, 2)  # restored
