@@ -58,6 +58,11 @@ MAIN_BLOBS: Dict[str, Optional[str]] = {
     "docs/algorithms/task_singular_vector.md": "43a4707daad6863924c4213309674c8adafffda5",
     "docs/api/fusion_bench.method/merging.md": "1ddccc1a8de7f1591f49cdb71617504ffd8dbc4f",
     "docs/api/fusion_bench.method/compression.md": "bfedc1d3ab10ba39fa4f4f7ab0121181cc519ddb",
+    "docs/api/fusion_bench.method/utility.md": "4303aa699dff3f16930d4bb01455c83b93ae3fb8",
+    "config/method/task_singular_vector/SingularTaskInterference.yaml": None,
+    "fusion_bench/method/task_singular_vector/STI.py": None,
+    "fusion_bench/method/task_singular_vector/utils/interference.py": None,
+    "tests/test_singular_task_interference.py": None,
 }
 #: top-level imports a contributed module may have besides the standard library and FusionBench: FusionBench's
 #: own requirements that the methods use
@@ -75,6 +80,35 @@ class PullRequest:
     name: str
     edits: Tuple[Tuple[str, str, str], ...] = ()
     modules: Tuple[Tuple[str, str], ...] = ()
+
+#: the STI section of docs/algorithms/task_singular_vector.md (0003-sti)
+STI_DOCS = r"""## Singular Task Interference (STI)
+
+`SingularTaskInterference` measures, per weight matrix, how much the task vectors interfere
+(Gargiulo et al., CVPR 2025, Eq. 4). With the top-$k$ singular triplets of each task's update
+$\Delta_i = U_i \Sigma_i V_i^\top$, $U = [U_1, \ldots, U_T]$, $V = [V_1, \ldots, V_T]$ and
+$\Sigma = \mathrm{diag}(\Sigma_1, \ldots, \Sigma_T)$:
+
+$$\mathrm{STI} = \left\lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \right\rVert_1$$
+
+(entrywise L1 norm). It is 0 when different tasks' singular vectors are orthogonal, and TSVM's
+decorrelation makes it 0 up to round-off when $Tk \le \min(m, n)$. For every 2-D parameter the
+analysis reports the STI at rank $k$ (TSVM's $\max(1, \lfloor \min(m, n) / T \rfloor)$ unless
+`rank` is set), after TSVM's decorrelation and at full rank, each also divided by
+$\lVert \Sigma \rVert_1$; the mean pairwise cosine of the task vectors; and the STI of each pair
+of tasks at rank $k$, summed over layers. Each task keeps at most the numerical rank of its
+update, so the arbitrary null-space vectors of low-rank (e.g. LoRA) updates do not count.
+
+```bash
+fusion_bench method=task_singular_vector/SingularTaskInterference \
+    modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only taskpool=dummy
+```
+
+It returns no model and writes `sti.json` and `sti.csv` (one row per layer) to
+`method.output_path`, by default the log directory.
+
+"""
+
 
 
 SERIES: List[PullRequest] = [
@@ -115,6 +149,59 @@ SERIES: List[PullRequest] = [
             if return_single_task_models:
                 new_u = u_u @ vh_u
 """,
+            ),
+        ),
+    ),
+    PullRequest(
+        "0003-sti",
+        modules=(
+            (
+                "fusion_bench_tsv/functional/interference.py",
+                "fusion_bench/method/task_singular_vector/utils/interference.py",
+            ),
+        ),
+        edits=(
+            (
+                "fusion_bench/method/__init__.py",
+                '    "task_singular_vector": ["TaskSingularVectorMerging"],\n',
+                '    "task_singular_vector": ["TaskSingularVectorMerging", "SingularTaskInterference"],\n',
+            ),
+            (  # with the magmax import moved to where isort puts it (main's file fails isort)
+                "fusion_bench/method/__init__.py",
+                "    from .magmax import MagMaxAlgorithm, magmax_merge\n"
+                "    from .task_arithmetic import TaskArithmeticAlgorithm\n"
+                "    from .task_singular_vector import TaskSingularVectorMerging\n",
+                "    from .task_arithmetic import TaskArithmeticAlgorithm\n"
+                "    from .task_singular_vector import (\n        SingularTaskInterference,\n"
+                "        TaskSingularVectorMerging,\n    )\n",
+            ),
+            (
+                "fusion_bench/method/__init__.py",
+                "    from .lm_finetune import *\n",
+                "    from .lm_finetune import *\n    from .magmax import MagMaxAlgorithm, magmax_merge\n",
+            ),
+            (
+                "fusion_bench/method/task_singular_vector/__init__.py",
+                "from .TSVM import TaskSingularVectorMerging\n",
+                "from .STI import SingularTaskInterference\nfrom .TSVM import TaskSingularVectorMerging\n",
+            ),
+            (
+                "docs/algorithms/task_singular_vector.md",
+                "## Implementation Details\n\n- [fusion_bench.method.TaskSingularVectorMerging][]\n",
+                STI_DOCS + "## Implementation Details\n\n- [fusion_bench.method.TaskSingularVectorMerging][]\n"
+                "- [fusion_bench.method.SingularTaskInterference][]\n",
+            ),
+            (
+                "docs/api/fusion_bench.method/utility.md",
+                "Generates a violin plot for task vector distributions.\n",
+                "Generates a violin plot for task vector distributions.\n"
+                "- [SingularTaskInterference][fusion_bench.method.SingularTaskInterference]: Computes the singular "
+                "task interference (STI) of task vectors, per layer.\n",
+            ),
+            (
+                "docs/api/fusion_bench.method/utility.md",
+                "        - TaskVectorViolinPlot\n",
+                "        - TaskVectorViolinPlot\n        - SingularTaskInterference\n",
             ),
         ),
     ),

@@ -1,23 +1,16 @@
 r"""Singular Task Interference (STI) of one layer (Gargiulo et al., "Task Singular
 Vectors: Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081,
-Sec. 3, Eq. 4).
-
-For task updates :math:`\Delta_i = U_i \Sigma_i V_i^\top` (top-``k`` triplets each),
-:math:`U = [U_1 \dots U_T]` (``m × Tk``), :math:`V = [V_1 \dots V_T]` (``n × Tk``) and
-:math:`\Sigma = \mathrm{blockdiag}(\Sigma_1 \dots \Sigma_T)`:
+Eq. 4). With each task's top-``k`` triplets :math:`\Delta_i \approx U_i \Sigma_i V_i^\top`,
+:math:`U = [U_1 \dots U_T]`, :math:`V = [V_1 \dots V_T]`, :math:`\Sigma =
+\mathrm{blockdiag}(\Sigma_1 \dots \Sigma_T)`:
 
 .. math::  \mathrm{STI} = \lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \rVert_1
 
-The paper does not say which 1-norm; here it is the **entrywise** L1 norm (sum of the
-absolute values of the ``Tk × Tk`` matrix). It is 0 when the singular vectors of
-different tasks are mutually orthogonal; TSV-M's decorrelation (U, V replaced by their
-nearest orthonormal matrices) drives it to round-off when ``Tk <= min(m, n)``.
-
-If ``k`` exceeds the rank of some :math:`\Delta_i`, its extra singular vectors
-(σ ≈ 0) are an arbitrary basis of its null space; they still enter the product as rows
-and columns (only the middle index is weighted by σ), so :func:`top_k_svd` keeps at
-most the numerical rank by default. Task factors are ``(U, S, Vh)`` triples with
-``U diag(S) Vh ≈ Δ``; pure torch, no models, no I/O.
+with the **entrywise** L1 norm (the paper does not say which). It is 0 when different
+tasks' singular vectors are orthogonal; TSVM's decorrelation makes it round-off when
+``Tk <= min(m, n)``. Singular vectors beyond a task's rank are an arbitrary basis of its
+null space and still enter as rows and columns of the product (only the middle index
+is weighted by σ): :func:`top_k_svd` leaves them out. Pure torch, no models, no I/O.
 """
 
 from __future__ import annotations
@@ -27,20 +20,6 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 
 import torch
 from torch import Tensor
-
-__all__ = [
-    "SVDFactors",
-    "layer_interference",
-    "mean_pairwise_cosine",
-    "pairwise_singular_task_interference",
-    "pairwise_sti_from_factors",
-    "singular_task_interference",
-    "sti_from_factors",
-    "task_cosine_similarity",
-    "task_factors",
-    "top_k_svd",
-    "truncate_factors",
-]
 
 
 class SVDFactors(NamedTuple):
@@ -82,7 +61,7 @@ def task_factors(
     """Validate per-task matrices and return ``svd(delta, k)`` of each, computed in
     float32 (float64 stays float64).
 
-    ``k=None`` is ``max(1, floor(min(m, n) / T))`` (TSV-M's rank); ``k = min(m, n)``
+    ``k=None`` is ``max(1, floor(min(m, n) / T))`` (TSVM's rank); ``k = min(m, n)``
     is the full rank. Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes
     or an out-of-range ``k``.
     """
@@ -115,7 +94,7 @@ def truncate_factors(factors: SVDFactors, k: int) -> SVDFactors:
 
 def _polar(a: Tensor) -> Tensor:
     """The nearest matrix with orthonormal columns (rows if wide): ``P Qᵀ`` of the thin
-    SVD ``A = P D Qᵀ``, TSV-M's decorrelation (orthogonal Procrustes)."""
+    SVD ``A = P D Qᵀ``, TSVM's decorrelation (orthogonal Procrustes)."""
     P, _, Qh = torch.linalg.svd(a, full_matrices=False)
     return P @ Qh
 
@@ -135,17 +114,12 @@ def sti_from_factors(
 ) -> Tensor:
     r"""STI :math:`\lVert (U^\top U - I)\Sigma(V^\top V - I)\rVert_1` of task factors.
 
-    Args:
-        factors: one ``(U, S, Vh)`` per task (any rank each), of one ``m × n`` layer.
-        normalized: divide by :math:`\lVert\Sigma\rVert_1` (the sum of all kept σ), so
-            that layers of different sizes and scales compare.
-        decorrelate: after TSV-M's decorrelation, with the polar factors of U and V.
-        max_bytes: bound on the temporaries: the ``p × p`` product (``p = Σk``) is never
-            formed but summed over blocks of rows of at most ``max_bytes`` (at least one
-            row); ``None``: blocks of at most ``max(m, n)`` rows.
-
-    Returns:
-        A 0-d tensor in the factors' dtype.
+    ``factors``: one ``(U, S, Vh)`` per task (any rank each). ``normalized`` divides by
+    :math:`\lVert\Sigma\rVert_1` (the sum of the kept σ) so that layers compare;
+    ``decorrelate``: after TSVM's decorrelation (U, V replaced by their polar factors).
+    The ``p × p`` product (``p = Σk``) is never formed but summed over blocks of rows of
+    at most ``max_bytes`` (at least one row; None: ``max(m, n)`` rows). Returns a 0-d
+    tensor in the factors' dtype.
     """
     _check_tasks(len(factors), "STI")
     Us, Ss, Vhs = zip(*factors)
@@ -195,13 +169,10 @@ def pairwise_sti_from_factors(
     normalized: bool = False,
     decorrelate: bool = False,
 ) -> Tensor:
-    r"""The ``T × T`` pairwise STI: entry ``(i, j)`` is
-    ``sti_from_factors([factors[i], factors[j]])``, the STI of the two tasks alone;
-    symmetric, diagonal 0 (a task does not interfere with itself). ``normalized``
-    divides entry ``(i, j)`` by :math:`\lVert\Sigma_i\rVert_1 + \lVert\Sigma_j\rVert_1`.
-
-    Without ``decorrelate`` each pair's Gram matrices are assembled from each task's
-    ``U_iᵀU_i − I`` (formed once) and the pair's ``U_iᵀU_j``: one pair in memory.
+    r"""The ``T × T`` pairwise STI, entry ``(i, j)`` that of the two tasks alone
+    (diagonal 0); ``normalized`` divides it by :math:`\lVert\Sigma_i\rVert_1 +
+    \lVert\Sigma_j\rVert_1`. Without ``decorrelate`` a pair's Gram matrices are made of
+    each task's ``U_iᵀU_i − I`` (formed once) and the pair's ``U_iᵀU_j``.
     """
     T = len(factors)
     _check_tasks(T, "pairwise STI")
@@ -245,7 +216,7 @@ def singular_task_interference(
         deltas: T >= 2 task matrices of one shape ``m × n``.
         k: per-task rank; ``None``: ``max(1, floor(min(m, n) / T))``; ``min(m, n)``: full.
         normalized: divide by :math:`\lVert\Sigma\rVert_1` (the sum of the kept σ).
-        decorrelate: after TSV-M's decorrelation (≈ 0 when ``T·k <= min(m, n)``).
+        decorrelate: after TSVM's decorrelation (≈ 0 when ``T·k <= min(m, n)``).
         svd: ``svd(delta, k)`` returns a task's factors (:func:`top_k_svd`).
 
     Returns:
@@ -256,22 +227,15 @@ def singular_task_interference(
 
 
 def pairwise_singular_task_interference(
-    deltas: Sequence[Tensor],
-    k: Optional[int] = None,
-    *,
-    normalized: bool = False,
-    decorrelate: bool = False,
-    svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
+    deltas: Sequence[Tensor], k: Optional[int] = None, **options
 ) -> Tensor:
     """The ``T × T`` pairwise STI of one layer (:func:`pairwise_sti_from_factors`) at
-    the ``k`` of all T tasks (default ``max(1, floor(min(m, n) / T))``)."""
-    factors = task_factors(deltas, k, svd=svd)
-    return pairwise_sti_from_factors(
-        factors, normalized=normalized, decorrelate=decorrelate
-    )
+    the ``k`` of all T tasks; ``options`` as :func:`singular_task_interference`."""
+    svd = options.pop("svd", top_k_svd)
+    return pairwise_sti_from_factors(task_factors(deltas, k, svd=svd), **options)
 
 
-def task_cosine_similarity(tasks: Sequence[Tensor] | Sequence[SVDFactors]) -> Tensor:
+def task_cosine_similarity(tasks: Sequence) -> Tensor:
     r"""``T × T`` cosine similarity of the flattened task matrices, or of the
     reconstructions :math:`U_i\Sigma_iV_i^\top` of per-task factors, which are never
     formed: :math:`\langle\hat\Delta_i, \hat\Delta_j\rangle_F = \sum_{ab}
@@ -320,21 +284,14 @@ def layer_interference(
     cosine: Optional[Tensor] = None,
     max_bytes: Optional[int] = None,
 ) -> Tuple[Dict[str, Any], Tensor, Tensor]:
-    r"""One layer's interference report from each task's factors.
+    r"""One layer's report from each task's full-rank factors (``full_rank``: the STI
+    at full rank, then at rank ``k`` of their top ``k``) or rank-``k`` factors.
 
-    Args:
-        factors: the full-rank factors (``full_rank``: STI at full rank, and at rank
-            ``k`` of their top ``k``) or the rank-``k`` factors.
-        k: the per-task rank of the truncated analysis.
-        cosine: the ``T × T`` cosines of the task matrices (``None``: of the factors).
-        max_bytes: see :func:`sti_from_factors`.
-
-    Returns:
-        ``(values, pairwise, pairwise_normalized)``: ``values`` has ``kept`` (each task's
-        number of triplets at rank k), ``sti_full`` (``None`` without ``full_rank``),
-        ``sti`` and ``sti_decorrelated``, each also ``*_normalized`` by its
-        :math:`\lVert\Sigma\rVert_1`, and ``cosine_mean``; then the ``T × T`` STI of
-        each pair at rank k, raw and normalized, float64 on the CPU.
+    Returns ``(values, pairwise, pairwise_normalized)``: ``values`` has ``kept`` (each
+    task's triplets at rank k), ``sti_full`` (None without ``full_rank``), ``sti``,
+    ``sti_decorrelated``, each also ``*_normalized`` by :math:`\lVert\Sigma\rVert_1`,
+    and ``cosine_mean`` (of ``cosine``, the ``T × T`` cosines of the task matrices,
+    None: of the factors); then the pairwise STI at rank k, float64 on the CPU.
     """
     full = factors if full_rank else None
     factors = [truncate_factors(f, k) for f in factors] if full_rank else factors

@@ -1,8 +1,4 @@
-"""Tests for the singular task interference (STI) analysis.
-
-Each value is compared with a float64 evaluation of Gargiulo et al., CVPR 2025
-(arXiv:2412.00081), Eq. 4, written independently of ``utils/interference.py``.
-"""
+"""STI analysis against a float64 evaluation of Gargiulo et al., CVPR 2025, Eq. 4."""
 
 import json
 import os

@@ -1,16 +1,7 @@
-R"""
-Singular Task Interference (STI) analysis of a model pool, per layer.
-
-Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
-CVPR 2025 (https://arxiv.org/abs/2412.00081), Eq. 4. The formulas are in
-`utils/interference.py`; see `docs/algorithms/task_singular_vector.md`.
-
-```bash
-fusion_bench \
-    method=task_singular_vector/SingularTaskInterference \
-    modelpool=CLIPVisionModelPool/clip-vit-base-patch32_TA8_model_only \
-    taskpool=dummy
-```
+"""
+Singular Task Interference (STI) analysis of a model pool, per layer: Gargiulo et al.,
+Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025
+(https://arxiv.org/abs/2412.00081), Eq. 4. See docs/algorithms/task_singular_vector.md.
 """
 
 import csv
@@ -39,12 +30,10 @@ COLUMNS += ["cosine_mean"]
 class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
     R"""
     Per-layer STI $\lVert (U^\top U - I) \Sigma (V^\top V - I) \rVert_1$ (entrywise) of
-    the task vectors $\Delta_i = \theta_i - \theta_0$ of every 2-D parameter: at rank
-    $k$, after TSV-M's decorrelation, at full rank, each also divided by the sum of the
-    singular values; the mean pairwise cosine of the task vectors; the $T \times T$ STI
-    of each pair of tasks at rank $k$, summed over layers. Each task keeps at most the
-    numerical rank of its update. Writes `sti.json` and `sti.csv` into `output_path`
-    and returns None (nothing to evaluate).
+    the task vectors $\Delta_i = \theta_i - \theta_0$ of every 2-D parameter, at rank
+    $k$, after TSVM's decorrelation and at full rank, each also divided by the sum of the
+    singular values, the mean pairwise cosine of the task vectors and the pairwise STI
+    at rank $k$. Writes `sti.json` and `sti.csv`; returns None (nothing to evaluate).
 
     Args:
         rank: per-task rank $k$ (None: $\max(1, \lfloor \min(m, n) / T \rfloor)$).
