@@ -33,9 +33,7 @@ class SVDFactors(NamedTuple):
 
 def _check_tasks(num_tasks: int, what: str) -> None:
     if num_tasks < 2:
-        raise ValueError(
-            f"{what} needs at least 2 tasks to measure interference, got {num_tasks}"
-        )
+        raise ValueError(f"{what} needs at least 2 tasks, got {num_tasks}")
 
 
 def top_k_svd(delta: Tensor, k: int, rank_revealing: bool = True) -> SVDFactors:
@@ -227,12 +225,19 @@ def singular_task_interference(
 
 
 def pairwise_singular_task_interference(
-    deltas: Sequence[Tensor], k: Optional[int] = None, **options
+    deltas: Sequence[Tensor],
+    k: Optional[int] = None,
+    *,
+    normalized: bool = False,
+    decorrelate: bool = False,
+    svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
 ) -> Tensor:
     """The ``T × T`` pairwise STI of one layer (:func:`pairwise_sti_from_factors`) at
-    the ``k`` of all T tasks; ``options`` as :func:`singular_task_interference`."""
-    svd = options.pop("svd", top_k_svd)
-    return pairwise_sti_from_factors(task_factors(deltas, k, svd=svd), **options)
+    the ``k`` of all T tasks; the options as :func:`singular_task_interference`."""
+    factors = task_factors(deltas, k, svd=svd)
+    return pairwise_sti_from_factors(
+        factors, normalized=normalized, decorrelate=decorrelate
+    )
 
 
 def task_cosine_similarity(tasks: Sequence) -> Tensor:

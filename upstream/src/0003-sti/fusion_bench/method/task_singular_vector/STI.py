@@ -21,10 +21,6 @@ from .utils.interference import layer_interference, task_cosine_similarity, task
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["layer", "shape", "k", "kept", "sti_full", "sti_full_normalized", "sti"]
-COLUMNS += ["sti_normalized", "sti_decorrelated", "sti_decorrelated_normalized"]
-COLUMNS += ["cosine_mean"]
-
 
 @auto_register_config
 class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
@@ -102,7 +98,7 @@ class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
             "tasks": names,
             "mean_over_layers": {
                 column: sum(r[column] for r in rows) / len(rows)
-                for column in COLUMNS[4:]
+                for column in list(rows[0])[4:]  # after layer, shape, k, kept
                 if rows[0][column] is not None
             },
             "layers": rows,
@@ -122,7 +118,7 @@ class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
         with open(os.path.join(out_dir, "sti.json.tmp"), "w") as f:
             json.dump(results, f, indent=2)
         with open(os.path.join(out_dir, "sti.csv.tmp"), "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=list(results["layers"][0]))
             writer.writeheader()
             for row in results["layers"]:
                 writer.writerow({**row, "kept": " ".join(map(str, row["kept"]))})
