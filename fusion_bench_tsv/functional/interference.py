@@ -1,16 +1,18 @@
 r"""Singular Task Interference (STI) of one layer (Gargiulo et al., "Task Singular
 Vectors: Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081,
-Eq. 4). With each task's top-``k`` triplets :math:`\Delta_i \approx U_i \Sigma_i V_i^\top`,
-:math:`U = [U_1 \dots U_T]`, :math:`V = [V_1 \dots V_T]`, :math:`\Sigma =
-\mathrm{blockdiag}(\Sigma_1 \dots \Sigma_T)`:
+Eq. 4). With each task's top-``k`` triplets
+:math:`\Delta_i \approx U_i \Sigma_i V_i^\top`, :math:`U = [U_1 \dots U_T]`,
+:math:`V = [V_1 \dots V_T]`, :math:`\Sigma = \mathrm{blockdiag}(\Sigma_1 \dots
+\Sigma_T)`:
 
 .. math::  \mathrm{STI} = \lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \rVert_1
 
 with the **entrywise** L1 norm (the paper does not say which). It is 0 when different
-tasks' singular vectors are orthogonal; TSVM's decorrelation makes it round-off when
-``Tk <= min(m, n)``. Singular vectors beyond a task's rank are an arbitrary basis of its
-null space and still enter as rows and columns of the product (only the middle index
-is weighted by σ): :func:`top_k_svd` leaves them out. Pure torch, no models, no I/O.
+tasks' singular vectors are orthogonal; after TSVM's decorrelation it is round-off
+when ``Tk <= min(m, n)``. Singular vectors beyond a task's rank are an arbitrary basis
+of its null space and still enter as rows and columns of the product (only the middle
+index is weighted by σ): :func:`top_k_svd` leaves them out. Pure torch, no models, no
+I/O.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torch import Tensor
 
 
 class SVDFactors(NamedTuple):
-    """Rank-k factors ``U (m × k)``, ``S (k)``, ``Vh (k × n)`` with ``U diag(S) Vh ≈ Δ``;
+    """Rank-k factors ``U (m × k)``, ``S (k)``, ``Vh (k × n)``, ``U diag(S) Vh ≈ Δ``;
     the functions here take any ``(U, S, Vh)`` triple."""
 
     U: Tensor
@@ -212,7 +214,7 @@ def singular_task_interference(
 
     Args:
         deltas: T >= 2 task matrices of one shape ``m × n``.
-        k: per-task rank; ``None``: ``max(1, floor(min(m, n) / T))``; ``min(m, n)``: full.
+        k: per-task rank (None: ``max(1, floor(min(m, n) / T))``; ``min(m, n)``: full).
         normalized: divide by :math:`\lVert\Sigma\rVert_1` (the sum of the kept σ).
         decorrelate: after TSVM's decorrelation (≈ 0 when ``T·k <= min(m, n)``).
         svd: ``svd(delta, k)`` returns a task's factors (:func:`top_k_svd`).

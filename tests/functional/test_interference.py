@@ -203,3 +203,20 @@ def test_top_k_svd_keeps_the_numerical_rank_as_truncated_svd_does():
         assert [f.S.numel() for f in plain] == [6, 6]  # the plain top-k on request
     zero = top_k_svd(torch.zeros(4, 3), 2)
     assert zero.S.numel() == 1 and float(zero.S[0]) == 0.0  # a zero update keeps one σ = 0 triplet
+
+
+def test_svd_option_takes_the_storage_noise_floor():
+    from functools import partial
+
+    from fusion_bench_tsv.functional import truncated_svd
+    from fusion_bench_tsv.functional.interference import top_k_svd
+
+    g = torch.Generator().manual_seed(7)
+    # rank 3 plus noise of σ ≈ 1e-4·(√12 + √9) = 6e-4: above the round-off floor, below bf16's storage floor
+    # 2·2⁻⁹·1.0·(√12 + √9) = 0.025 for weights of RMS 1
+    deltas = [d + 1e-4 * torch.randn(12, 9, generator=g, dtype=torch.float64) for d in low_rank_tasks(T=2, rank=3)]
+    assert [f.S.numel() for f in task_factors(deltas, 6)] == [6, 6]
+    floor = partial(truncated_svd, rank_revealing=True, storage_dtype=torch.bfloat16, weight_rms=1.0)
+    assert [f.S.numel() for f in task_factors(deltas, 6, svd=floor)] == [3, 3]
+    assert torch.equal(singular_task_interference(deltas, 6, svd=floor),
+                       sti_from_factors([top_k_svd(d, 3) for d in deltas]))

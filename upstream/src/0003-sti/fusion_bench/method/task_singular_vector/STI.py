@@ -27,9 +27,10 @@ class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
     R"""
     Per-layer STI $\lVert (U^\top U - I) \Sigma (V^\top V - I) \rVert_1$ (entrywise) of
     the task vectors $\Delta_i = \theta_i - \theta_0$ of every 2-D parameter, at rank
-    $k$, after TSVM's decorrelation and at full rank, each also divided by the sum of the
-    singular values, the mean pairwise cosine of the task vectors and the pairwise STI
-    at rank $k$. Writes `sti.json` and `sti.csv`; returns None (nothing to evaluate).
+    $k$, after TSVM's decorrelation and at full rank, each also divided by the sum of
+    the singular values, the mean pairwise cosine of the task vectors and the pairwise
+    STI at rank $k$. Writes `sti.json` and `sti.csv`; returns None (nothing to
+    evaluate).
 
     Args:
         rank: per-task rank $k$ (None: $\max(1, \lfloor \min(m, n) / T \rfloor)$).
