@@ -84,20 +84,19 @@ class PullRequest:
 #: the STI section of docs/algorithms/task_singular_vector.md (0003-sti)
 STI_DOCS = r"""## Singular Task Interference (STI)
 
-`SingularTaskInterference` measures, per weight matrix, how much the task vectors interfere
+`SingularTaskInterference` measures how much the task vectors interfere in each weight matrix
 (Gargiulo et al., CVPR 2025, Eq. 4). With the top-$k$ singular triplets of each task's update
 $\Delta_i = U_i \Sigma_i V_i^\top$, $U = [U_1, \ldots, U_T]$, $V = [V_1, \ldots, V_T]$ and
 $\Sigma = \mathrm{diag}(\Sigma_1, \ldots, \Sigma_T)$:
 
 $$\mathrm{STI} = \left\lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \right\rVert_1$$
 
-(entrywise L1 norm). It is 0 when different tasks' singular vectors are orthogonal, and TSVM's
-decorrelation makes it 0 up to round-off when $Tk \le \min(m, n)$. For every 2-D parameter the
-analysis reports the STI at rank $k$ (TSVM's $\max(1, \lfloor \min(m, n) / T \rfloor)$ unless
-`rank` is set), after TSVM's decorrelation and at full rank, each also divided by
-$\lVert \Sigma \rVert_1$; the mean pairwise cosine of the task vectors; and the STI of each pair
-of tasks at rank $k$, summed over layers. Each task keeps at most the numerical rank of its
-update, so the arbitrary null-space vectors of low-rank (e.g. LoRA) updates do not count.
+(entrywise L1 norm), 0 when different tasks' singular vectors are orthogonal. Per 2-D parameter
+it reports the STI at rank $k$ (TSVM's $\max(1, \lfloor \min(m, n) / T \rfloor)$ unless `rank`
+is set), after TSVM's decorrelation (0 up to round-off when $Tk \le \min(m, n)$) and at full
+rank, each also divided by $\lVert \Sigma \rVert_1$; the mean pairwise cosine of the task
+vectors; and the STI of each pair of tasks at rank $k$, summed over layers. Each task keeps at
+most the numerical rank of its update: null-space vectors of low-rank (LoRA) updates do not count.
 
 ```bash
 fusion_bench method=task_singular_vector/SingularTaskInterference \

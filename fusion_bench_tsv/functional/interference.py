@@ -210,17 +210,11 @@ def singular_task_interference(
     decorrelate: bool = False,
     svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
 ) -> Tensor:
-    r"""STI of one layer from the task updates :math:`\Delta_i = \theta_i - \theta_0`.
-
-    Args:
-        deltas: T >= 2 task matrices of one shape ``m × n``.
-        k: per-task rank (None: ``max(1, floor(min(m, n) / T))``; ``min(m, n)``: full).
-        normalized: divide by :math:`\lVert\Sigma\rVert_1` (the sum of the kept σ).
-        decorrelate: after TSVM's decorrelation (≈ 0 when ``T·k <= min(m, n)``).
-        svd: ``svd(delta, k)`` returns a task's factors (:func:`top_k_svd`).
-
-    Returns:
-        A 0-d tensor, float32 (float64 for float64 input).
+    r"""STI of one layer from T >= 2 task updates :math:`\Delta_i = \theta_i - \theta_0`
+    of one shape ``m × n`` at per-task rank ``k`` (None: ``max(1, floor(min(m, n) / T))``,
+    ``min(m, n)``: full); ``normalized``, ``decorrelate`` as :func:`sti_from_factors`;
+    ``svd(delta, k)`` returns a task's factors (:func:`top_k_svd`). A 0-d tensor, float32
+    (float64 for float64 input).
     """
     factors = task_factors(deltas, k, svd=svd)
     return sti_from_factors(factors, normalized=normalized, decorrelate=decorrelate)
