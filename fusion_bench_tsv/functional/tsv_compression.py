@@ -43,7 +43,6 @@ __all__ = [
     "check_rank_options",
     "checkpoint_tensors",
     "compress_matrix",
-    "describe_storage",
     "energy_rank",
     "factor_numel",
     "fraction_rank",
@@ -150,7 +149,7 @@ def compress_matrix(
 
     Exactly one of ``k`` (``1 <= k <= min(m, n)``) and ``energy`` (:func:`energy_rank`
     on the same decomposition). The thin SVD runs in float64 for float64 input and in
-    float32 otherwise; the factors are returned in ``delta``'s dtype.
+    float32 otherwise; the factors are returned contiguous, in ``delta``'s dtype.
     """
     if (k is None) == (energy is None):
         raise ValueError("compress_matrix needs exactly one of 'k' and 'energy'")
@@ -164,7 +163,10 @@ def compress_matrix(
     work = torch.float64 if delta.dtype == torch.float64 else torch.float32
     U, S, Vh = torch.linalg.svd(delta.to(work), full_matrices=False)
     k = energy_rank(S, energy) if k is None else k
-    return tuple(f.to(delta.dtype) for f in (U[:, :k], S[:k], Vh[:k, :]))
+    factors = (U[:, :k], S[:k], Vh[:k, :])  # copies: the full SVD is freed
+    return tuple(
+        f.to(delta.dtype).clone(memory_format=torch.contiguous_format) for f in factors
+    )
 
 
 def reconstruct(factors: Factors) -> Tensor:
@@ -285,20 +287,6 @@ def storage_accounting(
             factor_params / matrix_params if matrix_params else None
         ),
     }
-
-
-def describe_storage(storage: Mapping[str, Any]) -> str:
-    """:func:`storage_accounting`'s result in one line."""
-    s, f, m = storage["stored"], storage["full_task_vectors"], storage["one_model"]
-    return (
-        f"TSV-C storage, T={storage['num_tasks']}: stored {s['params']:,} params / "
-        f"{s['bytes']:,} bytes (factors {s['matrix_factor_params']:,}, other "
-        f"{s['other_params']:,}); T full task vectors {f['params']:,} / "
-        f"{f['bytes']:,} bytes; one model {m['params']:,} / {m['bytes']:,} bytes; "
-        f"stored = {storage['stored_over_full_task_vectors']:.4f} x T task vectors = "
-        f"{storage['stored_over_one_model']:.3f} models; matrix factors = "
-        f"{storage['matrix_factors_over_one_model_matrices']:.3f} x one model's matrices"
-    )
 
 
 def checkpoint_tensors(

@@ -40,7 +40,6 @@ from ..functional.tsv_compression import (
     CompressedTask,
     apply_compressed,
     checkpoint_tensors,
-    describe_storage,
     read_layout,
     storage_accounting,
     task_from_tensors,
@@ -106,6 +105,20 @@ def base_fingerprint(base_state: Mapping[str, Tensor]) -> Dict[str, Dict[str, An
 def metadata_digest(metadata: Mapping[str, str]) -> str:
     """SHA-256 of every metadata entry but ``sha256`` itself (sorted ``[name, value]`` pairs as JSON)."""
     return hashlib.sha256(json.dumps(sorted((k, v) for k, v in metadata.items() if k != "sha256")).encode()).hexdigest()
+
+
+def describe_storage(storage: Mapping[str, Any]) -> str:
+    """:func:`storage_accounting`'s result in one line."""
+    s, f, m = storage["stored"], storage["full_task_vectors"], storage["one_model"]
+    return (
+        f"TSV-C storage, T={storage['num_tasks']}: stored {s['params']:,} params / "
+        f"{s['bytes']:,} bytes (factors {s['matrix_factor_params']:,}, other "
+        f"{s['other_params']:,}); T full task vectors {f['params']:,} / "
+        f"{f['bytes']:,} bytes; one model {m['params']:,} / {m['bytes']:,} bytes; "
+        f"stored = {storage['stored_over_full_task_vectors']:.4f} x T task vectors = "
+        f"{storage['stored_over_one_model']:.3f} models; matrix factors = "
+        f"{storage['matrix_factors_over_one_model_matrices']:.3f} x one model's matrices"
+    )
 
 
 def build_task_model(

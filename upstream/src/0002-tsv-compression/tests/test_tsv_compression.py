@@ -30,12 +30,12 @@ EPS = torch.finfo(torch.float64).eps
 def _models(in_features, out_features, num_tasks, seed):
     torch.manual_seed(seed)
     pretrained = nn.Linear(in_features, out_features, dtype=torch.float64)
+    pretrained.requires_grad_(False)
     models = {"_pretrained_": pretrained}
     for i in range(num_tasks):
         models[f"task_{i}"] = deepcopy(pretrained)
-        with torch.no_grad():
-            for p in models[f"task_{i}"].parameters():
-                p.add_(torch.randn_like(p))
+        for p in models[f"task_{i}"].parameters():
+            p.add_(torch.randn_like(p))
     return models
 
 
@@ -112,7 +112,7 @@ class TestTaskSingularVectorCompression(unittest.TestCase):
                     rebuilt = apply_compressed(base, task)
                     for key, value in outputs[name].state_dict().items():
                         self.assertTrue(torch.equal(rebuilt[key], value), (name, key))
-        self.assertEqual(stored, 3 * (2 * (12 + 7 + 1) + 12))  # k(m + n + 1) + bias
+        self.assertEqual(stored, 3 * (2 * (7 + 12 + 1) + 7))  # k(m + n + 1) + bias
 
     def test_routed_evaluation(self):
         """Each task's model is evaluated on its own task only, through the task pool."""

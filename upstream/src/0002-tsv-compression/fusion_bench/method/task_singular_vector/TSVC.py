@@ -24,7 +24,6 @@ from .utils.tsv_compression import (
     check_rank_options,
     checkpoint_tensors,
     compress_matrix,
-    describe_storage,
     layer_rank,
     storage_accounting,
 )
@@ -72,19 +71,23 @@ class TaskSingularVectorCompression(BaseAlgorithm):
         pretrained = modelpool.load_pretrained_model()
         base = pretrained.state_dict()
         names = modelpool.model_names
-        ranks = {}
-        for key, value in base.items():
-            excluded = any(fnmatch(key, p) for p in self.exclude_keys or ())
-            if value.dim() == 2 and value.is_floating_point() and not excluded:
-                ranks[key] = None
-                if self.energy is None:
-                    ranks[key] = layer_rank(
-                        value.shape,
-                        len(names),
-                        fraction=self.fraction,
-                        rank=self.rank,
-                        name=key,
-                    )
+        ranks = {
+            key: (
+                None
+                if self.energy is not None
+                else layer_rank(
+                    value.shape,
+                    len(names),
+                    fraction=self.fraction,
+                    rank=self.rank,
+                    name=key,
+                )
+            )
+            for key, value in base.items()
+            if value.dim() == 2
+            and value.is_floating_point()
+            and not any(fnmatch(key, p) for p in self.exclude_keys or ())
+        }
         tasks = [
             self.compress_task(
                 name, modelpool.load_model(name).state_dict(), base, ranks
@@ -95,7 +98,7 @@ class TaskSingularVectorCompression(BaseAlgorithm):
             k: (v.shape, v.dtype) for k, v in base.items() if v.is_floating_point()
         }
         storage = storage_accounting(params, [t.ranks for t in tasks])
-        log.info(describe_storage(storage))
+        log.info(f"TSV-C storage: {storage['stored_over_one_model']:.3f} models")
         if self.save_path is not None:
             self.save(tasks)
         taskpool = getattr(self._program, "taskpool", None)
