@@ -208,8 +208,8 @@ def _decode(path: Path, metadata: Optional[Mapping[str, str]]) -> Dict[str, Any]
         info.update({entry: json.loads(metadata[entry]) for entry in _ENTRIES})
     except (KeyError, ValueError) as e:
         raise bad(str(e) if isinstance(e, ValueError) else f"metadata entry {e} is missing") from e
-    for entry, kind in (("base_fingerprint", dict), ("task_sha256", dict), ("rank_choice", dict), ("storage", dict)):
-        if not isinstance(info[entry], kind):
+    for entry in _ENTRIES:
+        if not isinstance(info[entry], dict):
             raise bad(f"metadata entry '{entry}' is not a mapping")
     if set(info["task_sha256"]) != set(info["tasks"]):
         raise bad("metadata entry 'task_sha256' does not list the tasks of 'tasks'")
