@@ -1,7 +1,7 @@
 r"""Task Singular Vector Compression (TSV-C): the math and the storage layout.
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
-CVPR 2025 (arXiv:2412.00081), Sec. 4. Each task's update of a weight matrix,
+CVPR 2025 (arXiv:2412.00081). Each task's update of a weight matrix,
 :math:`\Delta_i = W_i - W_0` (``m x n``), is replaced by its top-k singular triplets,
 
 .. math::  \hat\Delta_i = U_k \Sigma_k V_k^\top,
