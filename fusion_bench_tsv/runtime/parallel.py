@@ -88,7 +88,8 @@ class LayerExecutor:
     after: it blocks while ``max_pending`` jobs are unfinished or their tensors hold more than ``max_bytes``
     (one job is always allowed, however large), so it never runs far ahead of the math and memory stays
     bounded. While it is open, torch and the BLAS libraries it or SciPy loaded use one thread each, in the
-    calling thread too, so a job computes the same bits whatever ``workers`` is.
+    calling thread too, so a job computes the same bits whatever ``workers`` is. (Not a bare
+    ``ThreadPoolExecutor``: its queue is unbounded, so a reader would load every tensor ahead of the math.)
     """
 
     def __init__(self, workers: int, max_pending: Optional[int] = None, max_bytes: int = 256 * 2**20):
