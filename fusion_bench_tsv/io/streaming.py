@@ -26,11 +26,7 @@ __all__ = ["iter_finetuned_states", "iter_layers", "open_lazy_states", "release_
 def stored_dtype(state: Mapping[str, Tensor], key: str) -> torch.dtype:
     """The dtype ``state[key]`` is stored in, without reading a lazily read tensor: the checkpoint's (its
     safetensors header) for a :class:`SafetensorsState`, else the tensor's own (a loaded model's parameter)."""
-    if isinstance(state, SafetensorsState):
-        dtype = state.stored_dtype(key)
-        if dtype is not None:
-            return dtype
-    return state[key].dtype
+    return state.stored_dtype(key) if isinstance(state, SafetensorsState) else state[key].dtype
 
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
