@@ -42,6 +42,7 @@ def check_tensor_finite(value: Tensor, model_name: str, key: str) -> None:
     # overflow of large finite values) needs the entrywise test
     if not torch.is_floating_point(value) or value.numel() == 0:
         return
+    value = value.float() if value.itemsize == 1 else value  # float8: torch has no sum for it
     if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"model '{model_name}': parameter '{key}' contains NaN or Inf values")
 
