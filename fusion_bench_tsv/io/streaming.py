@@ -36,6 +36,7 @@ def release_memory() -> None:
     grows with fragmentation although the live data does not.
     """
     gc.collect()
+    # measured, TSV-M lazy_loading=false, ViT-B/32, T=8: peak RSS 3.15/3.18 GB with malloc_trim, 3.62 without
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 
