@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import struct
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
@@ -20,14 +19,12 @@ from torch import Tensor
 from .paths import confined_path
 
 __all__ = [
-    "SAFETENSORS_DTYPES",
     "SAFETENSORS_FILE",
     "SAFETENSORS_INDEX",
     "CheckpointError",
     "SafetensorsState",
     "check_tensor_finite",
     "open_safetensors",
-    "read_safetensors_header",
 ]
 
 
@@ -165,68 +162,3 @@ class SafetensorsState(Mapping[str, Tensor]):
     def __contains__(self, key) -> bool:
         return key in self._entries or key in self.aliases
 
-
-# ---------------------------------------------------------------------------------------------------------------
-# Used only by io/compressed_checkpoint.py, which reads byte ranges of its tensor file to hash them; delete when
-# its rewrite onto safetensors' own reader lands (the lazy reader above does not use them).
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
-def read_safetensors_header(file: Path, owner: str) -> Tuple[int, Dict[str, dict]]:
-    """``(data start, {key: {dtype, shape, data_offsets}})`` of a ``.safetensors`` file, reading the header only.
-
-    A header that cannot be parsed, or that describes more data than the file holds (a truncated file),
-    raises :class:`CheckpointError` naming ``owner`` (e.g. ``"model 'task_a'"``) and the file.
-    """
-    def damaged(reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"{owner}: {file} is not a readable safetensors file ({reason}); "
-            "the checkpoint is damaged or incomplete: save or download it again"
-        )
-
-    try:
-        size_on_disk = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) != 8:
-                raise damaged(f"{size_on_disk} bytes, shorter than a header")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > size_on_disk - 8:
-                raise damaged(f"header of {size} bytes in a file of {size_on_disk} bytes")
-            header = json.loads(f.read(size).decode("utf-8"))
-    except CheckpointError:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise damaged(f"corrupt header: {type(e).__name__}: {e}") from e
-    if not isinstance(header, dict):
-        raise damaged("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = 0
-    for key, entry in header.items():
-        try:
-            begin, stop = entry["data_offsets"]
-            if not 0 <= begin <= stop:
-                raise ValueError(f"offsets {entry['data_offsets']}")
-            numel = 1
-            for s in entry["shape"]:
-                numel *= int(s)
-        except (KeyError, TypeError, ValueError) as e:
-            raise damaged(f"bad header entry for parameter '{key}': {type(e).__name__}: {e}") from e
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is not None and numel * dtype.itemsize != stop - begin:
-            raise damaged(f"parameter '{key}': shape {entry['shape']} of {entry['dtype']} does not fit {stop - begin} bytes")
-        end = max(end, stop)
-    if 8 + size + end > size_on_disk:
-        raise damaged(f"truncated: the header describes {8 + size + end} bytes, the file has {size_on_disk}")
-    return 8 + size, header
