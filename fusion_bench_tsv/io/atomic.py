@@ -7,11 +7,9 @@ Before that, every file and directory written gets the permissions the umask giv
 ``0666 & ~umask``, or ``0777 & ~umask`` when executable; directories ``0777 & ~umask``), whatever the
 writing library chose: ``safetensors`` (0.8) creates its files ``0600``.
 
-Replacing an existing directory takes one atomic exchange on Linux (``renameat2(RENAME_EXCHANGE)``, local
-file systems and NFSv4.2+; the old directory is then deleted). Where the exchange is not available
-(another OS, or a file system that rejects it, e.g. NFSv3), the old directory is renamed aside and the
-new one renamed into place: between those two renames the target does not exist, and a crash there
-leaves the old content under its temporary name (removed by the next write, see below).
+An existing directory is replaced by two renames (the old one aside, the new one in; the old one then
+deleted): between them the target does not exist for an instant, and a crash there leaves the old content
+under its temporary name (removed by the next write, see below); a reader never sees a partial directory.
 
 Temporaries are named ``.<target>.<host>-<pid>.<32 hex>.tmp`` (``.old`` for a directory renamed aside),
 ``<host>`` being the first 8 hex digits of the SHA-256 of the host name. A write killed before its
@@ -25,9 +23,6 @@ ever write files (never compute in between), so a live writer modifies its tempo
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import errno
 import hashlib
 import logging
 import os
@@ -131,6 +126,7 @@ def remove_stale_temporaries(path: Union[str, os.PathLike]) -> List[Path]:
 
 def current_umask() -> int:
     """The process's umask (from ``/proc/self/status`` where available, which does not change it)."""
+    # not os.umask() alone: it reads the mask only by setting it, a race with threads creating files
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -143,27 +139,19 @@ def current_umask() -> int:
     return mask
 
 
-def _apply_umask(path: Path) -> None:
-    """Give ``path`` (and everything in it) the permissions a plain ``open``/``mkdir`` would under the umask."""
-    mask = current_umask()
-    entries = [(path, path.is_dir())] if not path.is_dir() else list(_walk_bottom_up(path))
-    for entry, is_dir in entries:
-        executable = is_dir or bool(entry.stat().st_mode & 0o111)
-        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
-
-
-def _fsync(path: Path, directory: bool = False) -> None:
-    flags = os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0)
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file, or a directory's entries) to disk; directories where the OS cannot open them
+    (Windows) are skipped."""
     try:
-        fd = os.open(path, flags)
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        if directory:  # e.g. Windows, where directories cannot be opened: nothing to sync
+        if path.is_dir():
             return
         raise
     try:
         os.fsync(fd)
     except OSError:
-        if not directory:
+        if not path.is_dir():
             raise
     finally:
         os.close(fd)
@@ -179,39 +167,14 @@ def _walk_bottom_up(root: Path) -> Iterator[tuple[Path, bool]]:
         yield Path(current), True
 
 
-def _fsync_tree(path: Path) -> None:
-    if path.is_dir():
-        for entry, is_dir in _walk_bottom_up(path):
-            _fsync(entry, directory=is_dir)
-    else:
-        _fsync(path)
-
-
-def _load_libc():
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.renameat2
-    except (OSError, AttributeError):
-        return None
-
-
-_RENAMEAT2 = _load_libc()
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the names ``a`` and ``b`` in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``).
-
-    False when the OS or the file system does not support it (nothing has changed then).
-    """
-    if _RENAMEAT2 is None:
-        return False
-    if _RENAMEAT2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(a), None, str(b))
+def _finish(path: Path) -> None:
+    """Give ``path`` and everything in it the permissions a plain ``open``/``mkdir`` would under the umask
+    (files ``0666 & ~umask``, executables and directories ``0777 & ~umask``), and flush it all to disk."""
+    mask = current_umask()
+    for entry, is_dir in _walk_bottom_up(path) if path.is_dir() else [(path, False)]:
+        executable = is_dir or bool(entry.stat().st_mode & 0o111)
+        os.chmod(entry, (0o777 if executable else 0o666) & ~mask)
+        _fsync(entry)
 
 
 def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -> Path:
@@ -226,13 +189,12 @@ def write_atomic(path: Union[str, os.PathLike], write: Callable[[Path], None]) -
     tmp = _temporary(path, "tmp")
     try:
         write(tmp)
-        _apply_umask(tmp)
-        _fsync(tmp)
+        _finish(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync(path.parent, directory=True)
+    _fsync(path.parent)
     return path
 
 
@@ -243,47 +205,36 @@ def write_dir_atomic(
 ) -> Path:
     """Call ``write(tmp)`` on a new temporary directory beside ``path``, sync it and move it into place.
 
-    A reader sees the old directory or the complete new one: an existing ``path`` is exchanged with the
-    new directory in one step where the OS allows it, else renamed aside first (see the module's docstring),
-    then deleted. If ``write`` fails, the temporary directory is removed and ``path`` is untouched.
-    ``before_replace(path)``, when given, runs right before the move and may refuse it by raising (the
-    temporary is removed, ``path`` untouched). Abandoned temporaries of ``path`` are removed first
-    (:func:`remove_stale_temporaries`).
+    A reader sees the old directory or the complete new one: an existing ``path`` is renamed aside, the new
+    directory renamed into place and the old one deleted (restored if the second rename fails). If ``write``
+    fails, the temporary directory is removed and ``path`` is untouched. ``before_replace(path)``, when
+    given, runs right before the move and may refuse it by raising (the temporary is removed, ``path``
+    untouched). Abandoned temporaries of ``path`` are removed first (:func:`remove_stale_temporaries`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
-    tmp = _temporary(path, "tmp")
+    tmp, old = _temporary(path, "tmp"), _temporary(path, "old")
     tmp.mkdir()
     try:
         write(tmp)
-        _apply_umask(tmp)
-        _fsync_tree(tmp)
+        _finish(tmp)
         if before_replace is not None:
             before_replace(path)
-        if not os.path.lexists(path):
+        if os.path.lexists(path):
+            os.replace(path, old)
+        try:
             os.replace(tmp, path)
-        elif _exchange(tmp, path):
-            pass  # tmp now holds the old content, removed below
-        else:
-            _replace_in_two_renames(tmp, path)
-        _fsync(path.parent, directory=True)
+        except BaseException:
+            if os.path.lexists(old):
+                os.replace(old, path)
+            raise
+        _fsync(path.parent)
     finally:
-        if os.path.lexists(tmp):
-            _remove(tmp)
+        for leftover in (tmp, old):
+            if os.path.lexists(leftover):
+                _remove(leftover)
     return path
-
-
-def _replace_in_two_renames(tmp: Path, path: Path) -> None:
-    """``path`` renamed aside, ``tmp`` renamed to ``path``, the old content deleted; restored on failure."""
-    old = _temporary(path, "old")
-    os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        os.replace(old, path)
-        raise
-    _remove(old)
 
 
 def expand_log_dir(path: str, log_dir: Optional[str], option: str = "save_path") -> str:

@@ -28,6 +28,7 @@ def save_hf_model(
     written into a temporary directory next to ``path`` and renamed into place
     (:func:`~.outputs.write_output_dir`: an existing ``path`` is replaced only when empty or an unchanged
     TSV-M output). ``AutoModelForCausalLM.from_pretrained(path)`` and ``AutoTokenizer.from_pretrained(path)`` load it.
+    Not FusionBench's ``modelpool.save_model``: it writes into ``path`` in place, over whatever is there.
     """
     if not hasattr(model, "save_pretrained"):
         raise TypeError(f"cannot save a {type(model).__name__} in Hugging Face format: it has no save_pretrained")

