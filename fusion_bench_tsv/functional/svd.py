@@ -7,12 +7,13 @@ no I/O; they run on whatever device and dtype the input has.
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
 
 from . import lapack
+from .interference import SVDFactors
 from .rank import numerical_rank, rank_threshold
 
 __all__ = [
@@ -57,14 +58,6 @@ def orthogonalization_method(method: str) -> str:
 #: Largest condition number of a Gram matrix ``AᵀA`` that the Gram (whitening) paths accept in float64;
 #: above it they fall back to the SVD. cond(AᵀA) = cond(A)², so this is cond(A) <= 1e5.
 GRAM_COND_LIMIT = 1e10
-
-
-class SVDFactors(NamedTuple):
-    """Rank-k factors ``U (m×k)``, ``S (k)``, ``Vh (k×n)`` with ``U diag(S) Vh ≈ Δ``."""
-
-    U: Tensor
-    S: Tensor
-    Vh: Tensor
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
