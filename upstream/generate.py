@@ -58,7 +58,6 @@ MAIN_BLOBS: Dict[str, Optional[str]] = {
     "docs/algorithms/task_singular_vector.md": "43a4707daad6863924c4213309674c8adafffda5",
     "docs/api/fusion_bench.method/merging.md": "1ddccc1a8de7f1591f49cdb71617504ffd8dbc4f",
     "docs/api/fusion_bench.method/compression.md": "bfedc1d3ab10ba39fa4f4f7ab0121181cc519ddb",
-    "tests/test_tsvm_low_memory.py": None,
 }
 #: top-level imports a contributed module may have besides the standard library and FusionBench: FusionBench's
 #: own requirements that the methods use
@@ -426,6 +425,207 @@ models:
 ## Implementation Details
 
 - [fusion_bench.method.TaskSingularVectorMerging][]
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+\"\"\"
+
+import unittest
+from copy import deepcopy
+""",
+                """\
+\"\"\"
+
+import tempfile
+import unittest
+from copy import deepcopy
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+import unittest
+from copy import deepcopy
+
+import torch
+""",
+                """\
+import unittest
+from copy import deepcopy
+from unittest import mock
+
+import torch
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+import torch
+import torch.nn as nn
+
+from fusion_bench.method import TaskSingularVectorMerging
+""",
+                """\
+import torch
+import torch.nn as nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+
+from fusion_bench.method import TaskSingularVectorMerging
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+from fusion_bench.method import TaskSingularVectorMerging
+from fusion_bench.method.task_singular_vector.utils import (
+""",
+                """\
+from fusion_bench.method import TaskSingularVectorMerging
+from fusion_bench.method.task_singular_vector import TSVM
+from fusion_bench.method.task_singular_vector.utils import (
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+)
+from fusion_bench.modelpool import BaseModelPool
+
+EPS = torch.finfo(torch.float64).eps
+""",
+                """\
+)
+from fusion_bench.modelpool import BaseModelPool
+from fusion_bench.modelpool.lazy_state_dict_pool import LazyStateDictPool
+from fusion_bench.utils.lazy_state_dict import LazyStateDict
+
+EPS = torch.finfo(torch.float64).eps
+""",
+            ),
+            (
+                "tests/test_task_singular_vector.py",
+                """\
+
+
+if __name__ == "__main__":
+    unittest.main()
+""",
+                """\
+
+
+def _merge(models, **kwargs):
+    pool = BaseModelPool({name: deepcopy(model) for name, model in models.items()})
+    return TaskSingularVectorMerging(**kwargs).run(pool)
+
+
+def _clip_models(num_tasks):
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    torch.manual_seed(0)
+    pretrained = CLIPVisionModel(config)
+    models = {"_pretrained_": pretrained}
+    for i in range(num_tasks):
+        models[f"task_{i}"] = finetuned = deepcopy(pretrained)
+        with torch.no_grad():
+            for p in finetuned.parameters():
+                p.add_(0.01 * torch.randn_like(p))
+    return models
+
+
+class TestTaskSingularVectorMergingLowMemory(unittest.TestCase):
+    \"\"\"`low_memory=True`: one parameter at a time, the same merged model as the default
+    path (bitwise: every parameter goes through the same
+    `compute_and_sum_svd_mem_reduction` on the same task vectors).\"\"\"
+
+    def _merge_low_memory(self, models, **kwargs):
+        # a pool of modules: the same merge, with a warning that they stay in memory
+        with self.assertLogs(TSVM.__name__, "WARNING") as logs:
+            merged = _merge(models, low_memory=True, **kwargs)
+        self.assertIn("stay in memory", logs.output[0])
+        return merged
+
+    def assertStatesEqual(self, got, expected):
+        self.assertEqual(list(got.keys()), list(expected.keys()))
+        for key in expected:
+            self.assertTrue(torch.equal(got[key], expected[key]), key)
+
+    def test_equals_in_memory_merge(self):
+        # the 17 x 32 position embedding and 80 x 32 MLP matrices: k = 5 and 10
+        models = _clip_models(num_tasks=3)
+        for kwargs in (
+            {"alpha": 0.7},
+            {"alpha": [0.5, 1.0, 1.5]},
+            {"exclude_keys": ["vision_model.encoder.layers.0.mlp.fc1.weight"]},
+            {"return_single_task_models": True},
+        ):
+            with self.subTest(**kwargs):
+                expected = _merge(models, **kwargs)
+                got = self._merge_low_memory(models, **kwargs)
+                if isinstance(expected, dict):
+                    self.assertEqual(list(got), list(expected))
+                    for name in expected:
+                        self.assertStatesEqual(
+                            got[name].state_dict(), expected[name].state_dict()
+                        )
+                else:
+                    self.assertStatesEqual(got.state_dict(), expected.state_dict())
+
+    def test_matches_reference(self):
+        # r = min(6, 8) = 6 and T = 3: k = 2; the float64 reference and its bound
+        models = _modelpool(in_features=8, out_features=6, num_tasks=3, seed=0)
+        pretrained = deepcopy(models["_pretrained_"].state_dict())
+        tasks = [models[f"task_{i}"].state_dict() for i in range(3)]
+        merged = self._merge_low_memory(models, alpha=1)
+        U, S, V, bound = _reference_tsvm(
+            [t["weight"] - pretrained["weight"] for t in tasks], k=2
+        )
+        error = merged.weight - pretrained["weight"] - U @ torch.diag(S) @ V.T
+        self.assertLessEqual(error.abs().max().item(), bound)
+        mean_bias = torch.stack([t["bias"] - pretrained["bias"] for t in tasks]).mean(0)
+        torch.testing.assert_close(merged.bias, pretrained["bias"] + mean_bias)
+
+    def test_lazy_state_dict_pool_reads_one_parameter_at_a_time(self):
+        models = _clip_models(num_tasks=3)
+        expected = _merge(models, alpha=0.7)
+        with tempfile.TemporaryDirectory() as root:
+            paths = {}
+            for name, model in models.items():
+                paths[name] = f"{root}/{name}"
+                model.save_pretrained(paths[name])  # model.safetensors
+            pool = LazyStateDictPool(
+                models={
+                    **paths,
+                    "_pretrained_": {
+                        "_target_": "fusion_bench.utils.lazy_state_dict.LazyStateDict",
+                        "checkpoint": paths["_pretrained_"],
+                        "meta_module_class": "transformers.CLIPVisionModel",
+                    },
+                }
+            )
+            algorithm = TaskSingularVectorMerging(alpha=0.7, low_memory=True)
+            read = LazyStateDict.__getitem__
+            with mock.patch.object(
+                LazyStateDict, "__getitem__", autospec=True, side_effect=read
+            ) as getitem:
+                merged = algorithm.run(pool)
+        self.assertIsInstance(merged, CLIPVisionModel)
+        self.assertStatesEqual(merged.state_dict(), expected.state_dict())
+        # each tensor is read once (T + 1 checkpoints), all of a parameter before the next
+        keys = [c.args[1] for c in getitem.call_args_list]
+        order = list(dict.fromkeys(keys))
+        self.assertEqual(keys, [key for key in order for _ in range(len(models))])
+
+
+if __name__ == "__main__":
+    unittest.main()
 """,
             ),
         ),
