@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import yaml
 
+from ..methods.summary import task_accuracies, task_entries
+
 __all__ = ["NORMALIZED", "METHODS", "REPORT_FILE", "task_accuracies", "normalized_accuracy", "make_row",
            "find_reports", "read_run", "read_results", "read_build", "read_fine_tuned", "normalize"]
 
@@ -47,21 +49,6 @@ METHODS: Dict[str, Tuple[str, Optional[str]]] = {
 """Name in a comparison → (FusionBench method config, the option that scales the merged update, or None)."""
 
 REPORT_FILE = "program_report.json"
-
-
-def _task_entries(report: Mapping[str, Any]) -> Mapping[str, Any]:
-    """{task: entry} of a report: TSV-C's full report (``tsv_compress_report.json``) nests them under ``tasks``;
-    a task pool's report and TSV-C's ``program_report.json`` hold them at the top level, beside ``average``."""
-    if isinstance(report.get("tasks"), Mapping) and "routing" in report:
-        return report["tasks"]
-    return {task: entry for task, entry in report.items() if task != "average" and isinstance(entry, Mapping)}
-
-
-def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
-    """{task: accuracy (a fraction)} of a FusionBench report (``taskpool.evaluate``: {task: {"accuracy": …}},
-    plus ``average`` and ``model_info``) or of TSV-C's routed reports."""
-    return {task: float(entry["accuracy"]) for task, entry in _task_entries(report).items()
-            if isinstance(entry, Mapping) and isinstance(entry.get("accuracy"), numbers.Real)}
 
 
 def normalized_accuracy(per_task: Mapping[str, float], fine_tuned: Optional[Mapping[str, float]]) -> Optional[float]:
@@ -211,7 +198,7 @@ def _routed_fine_tuned(report: Any) -> Optional[Dict[str, float]]:
     it measured every task's, else None."""
     if not (isinstance(report, Mapping) and "routing" in report):
         return None
-    own = {t: e.get("finetuned_accuracy") for t, e in _task_entries(report).items() if isinstance(e, Mapping)}
+    own = {t: e.get("finetuned_accuracy") for t, e in task_entries(report).items() if isinstance(e, Mapping)}
     ok = own and all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in own.values())
     return {t: float(v) for t, v in own.items()} if ok else None
 

@@ -4,15 +4,7 @@ No FusionBench, no I/O, no models: one matrix (or a list of per-task matrices) i
 Every algorithm of :mod:`fusion_bench_tsv` calls these.
 """
 
-from .compress import (
-    check_rank_options,
-    compress_matrix,
-    energy_rank,
-    factor_numel,
-    fraction_rank,
-    layer_rank,
-    reconstruct,
-)
+from .compress import compress_matrix
 from .interference import (
     mean_pairwise_cosine,
     pairwise_singular_task_interference,
@@ -48,6 +40,14 @@ from .svd import (
     orthogonalization_method,
     orthogonalize,
     truncated_svd,
+)
+from .tsv_compression import (
+    check_rank_options,
+    energy_rank,
+    factor_numel,
+    fraction_rank,
+    layer_rank,
+    reconstruct,
 )
 
 __all__ = [

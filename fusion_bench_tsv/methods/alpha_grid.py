@@ -264,11 +264,22 @@ def run_alpha_grid(
     }
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or ±Inf float replaced by ``None`` (JSON has no NaN: ``null`` in the file)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: finite_or_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_null(v) for v in value]
+    return value
+
+
 def write_files(out_dir: Path, results: Mapping[str, Any]) -> None:
     """``alpha_grid.json`` and ``alpha_grid.png`` (validation accuracy against α, per task and on average)."""
     from .plots import curves
 
-    (out_dir / "alpha_grid.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "alpha_grid.json").write_text(json.dumps(finite_or_null(results), indent=1, allow_nan=False))
     alphas = [p["alpha"] for p in results["curve"]]
     series = {task: [100 * p["per_task"].get(task, float("nan")) for p in results["curve"]]
               for task in results["curve"][0]["per_task"]}

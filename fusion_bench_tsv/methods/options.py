@@ -1,9 +1,10 @@
 """Validation of the options of TSV-M, TSV-C and STI, in one place.
 
-Every algorithm's ``__init__`` calls :func:`validate_options`, which refuses keyword options the class
-does not have (naming the option, the valid ones and the closest), checks the type and range of every
-option in :data:`OPTION_CHECKS` and stores the normalized value (e.g. an OmegaConf ``ListConfig`` becomes
-a list). Errors name the class and the option and say what to write instead, as Python and on the
+FusionBench's ``auto_register_config`` sets every ``__init__`` parameter as an attribute, unchecked, and
+its ``BaseAlgorithm`` only logs a warning for an unknown keyword. :func:`validate_options` refuses
+unknown keywords (naming the valid options and the closest), checks the type and range of every option
+in :data:`OPTION_CHECKS` and stores the normalized value (e.g. an OmegaConf ``ListConfig`` becomes a
+list). Errors name the class and the option and say what to write instead, in Python and on the
 command line.
 """
 
@@ -16,8 +17,7 @@ import numbers
 import os
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Mapping
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
@@ -25,40 +25,8 @@ from ..functional import SVD_METHODS
 
 __all__ = ["OPTION_CHECKS", "float_dtype", "option_names", "validate_options"]
 
-
-class _Invalid(ValueError):
-    """A value an option does not accept; the message says why (the caller adds the option's name)."""
-
-
-@dataclass(frozen=True)
-class OptionCheck:
-    """What an option accepts (``expected``), a valid example, and ``convert``: value → normalized value."""
-
-    expected: str
-    example: str
-    convert: Callable[[Any], Any]
-    optional: bool = False
-
-    def __call__(self, owner: str, name: str, value: Any) -> Any:
-        if value is None and self.optional:
-            return None
-        try:
-            return self.convert(value)
-        except _Invalid as e:
-            reason = f" ({e})" if str(e) else ""
-            raise ValueError(
-                f"{owner}: option '{name}' must be {self.expected}, got {value!r} of type "
-                f"{type(value).__name__}{reason}; e.g. {name}={self.example} in Python, "
-                f"method.{name}={self.example} on the command line"
-            ) from None
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+# A converter returns the normalized value or raises ValueError with the reason (may be empty).
+Convert = Callable[[Any], Any]
 
 
 def _is_list(value: Any) -> bool:
@@ -66,209 +34,181 @@ def _is_list(value: Any) -> bool:
     return isinstance(value, Sequence) and not isinstance(value, (str, bytes))
 
 
-def _finite(value: Any) -> float:
+def _number(value: Any) -> float:
     if isinstance(value, str):
-        raise _Invalid("a string, not a number: write the number without quotes")
-    if not _is_real(value):
-        raise _Invalid()
+        raise ValueError("a string, not a number: write the number without quotes")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError
     if not math.isfinite(value):
-        raise _Invalid("not finite")
+        raise ValueError("not finite")
     return float(value)
 
 
-def _integer(minimum: int) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        if not _is_int(value) or value < minimum:
-            raise _Invalid()
-        return int(value)
-
-    return convert
-
-
-def _in_unit_interval(value: Any) -> float:
-    value = _finite(value)
-    if not 0 < value <= 1:
-        raise _Invalid("outside (0, 1]")
-    return value
-
-
-def _positive(value: Any) -> float:
-    value = _finite(value)
-    if value <= 0:
-        raise _Invalid("not positive")
-    return value
-
-
-def _boolean(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise _Invalid()
-    return value
-
-
-def _choice(choices: Sequence[str]) -> Callable[[Any], str]:
-    def convert(value: Any) -> str:
-        if value not in choices:
-            close = difflib.get_close_matches(str(value), choices, n=1)
-            raise _Invalid(f"did you mean {close[0]!r}?" if close else "")
+def _number_where(test: Callable[[float], bool], reason: str) -> Convert:
+    def convert(value: Any) -> float:
+        value = _number(value)
+        if not test(value):
+            raise ValueError(reason)
         return value
 
     return convert
 
 
-def _entries(values: Sequence[Any], convert: Callable[[Any], float]) -> List[float]:
-    """Every entry of a list converted, the first bad one named by its position."""
+_positive = _number_where(lambda v: v > 0, "not positive")
+
+
+def _integer(minimum: int) -> Convert:
+    def convert(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+            raise ValueError
+        return int(value)
+
+    return convert
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError
+    return value
+
+
+def _choice(choices: Sequence[str]) -> Convert:
+    def convert(value: Any) -> str:
+        if value not in choices:
+            close = difflib.get_close_matches(str(value), choices, n=1)
+            raise ValueError(f"did you mean {close[0]!r}?" if close else "")
+        return value
+
+    return convert
+
+
+def _entries(values: Any, convert: Convert) -> List[float]:
+    """A non-empty list with every entry converted, the first bad one named by its position."""
+    if len(values) == 0:
+        raise ValueError("an empty list")
     out = []
     for i, v in enumerate(values):
         try:
             out.append(convert(v))
-        except _Invalid as e:
-            raise _Invalid(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
+        except ValueError as e:
+            raise ValueError(f"entry {i} is {v!r}{': ' + str(e) if str(e) else ''}") from None
     return out
 
 
 def _alpha(value: Any) -> Any:
-    if _is_list(value):
-        if len(value) == 0:
-            raise _Invalid("an empty list")
-        return _entries(value, _finite)
     if isinstance(value, str):
-        raise _Invalid("a string: give a number, or a list of numbers (one per task) as a list")
-    return _finite(value)
+        raise ValueError("a string: give a number, or a list of numbers (one per task) as a list")
+    return _entries(value, _number) if _is_list(value) else _number(value)
 
 
 def _alpha_grid(value: Any) -> List[float]:
     if not _is_list(value) or len(value) == 0:
-        raise _Invalid("give the values of alpha to try as a list, e.g. [0.5, 1.0]")
+        raise ValueError("give the values of alpha to try as a list, e.g. [0.5, 1.0]")
     values = _entries(value, _positive)
     repeated = sorted({v for v in values if values.count(v) > 1})
     if repeated:
-        raise _Invalid(f"{repeated} appear more than once")
+        raise ValueError(f"{repeated} appear more than once")
     return values
 
 
 def _taskpool(value: Any) -> Any:
     if isinstance(value, str):
         if not value.strip() or value != value.strip():
-            raise _Invalid("an empty name, or spaces around it")
-        return value
-    if isinstance(value, Mapping):
+            raise ValueError("an empty name, or spaces around it")
+    elif isinstance(value, Mapping):
         if "_target_" not in value:
-            raise _Invalid("a mapping without _target_: give a task pool config or the name of one")
-        return value
-    if callable(getattr(value, "evaluate", None)):
-        return value  # a task pool instance (from Python)
-    raise _Invalid()
+            raise ValueError("a mapping without _target_: give a task pool config or the name of one")
+    elif not callable(getattr(value, "evaluate", None)):  # a task pool instance (from Python)
+        raise ValueError
+    return value
 
 
 def _patterns(value: Any) -> List[str]:
     if isinstance(value, str):
-        raise _Invalid(f"a single string would be read as one pattern per character: write [{value!r}]")
+        raise ValueError(f"a single string would be read as one pattern per character: write [{value!r}]")
     if not _is_list(value) or not all(isinstance(p, str) for p in value):
-        raise _Invalid()
+        raise ValueError
     return [str(p) for p in value]
 
 
 def _device(value: Any) -> str:
-    if isinstance(value, torch.device):
-        value = str(value)
+    value = str(value) if isinstance(value, torch.device) else value
     if not isinstance(value, str):
-        raise _Invalid()
+        raise ValueError
     try:
         device = torch.device(value)
     except (RuntimeError, ValueError):
-        raise _Invalid("not a torch device") from None
+        raise ValueError("not a torch device") from None
     if device.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise _Invalid("no CUDA device is available here: use cpu, or null for the Fabric device")
+            raise ValueError("no CUDA device is available here: use cpu, or null for the Fabric device")
         if device.index is not None and device.index >= count:
-            raise _Invalid(f"this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
+            raise ValueError(f"this machine has {count} CUDA device(s): cuda:0 to cuda:{count - 1}")
     return value
 
 
 def _path(value: Any) -> str:
-    if isinstance(value, os.PathLike):
-        value = os.fspath(value)
+    value = os.fspath(value) if isinstance(value, os.PathLike) else value
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid()
+        raise ValueError
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
     except ValueError as e:
-        raise _Invalid(f"{e}; the only placeholder is {{log_dir}}") from None
+        raise ValueError(f"{e}; the only placeholder is {{log_dir}}") from None
     if fields - {"log_dir"}:
-        raise _Invalid(f"unknown placeholder(s) {sorted(fields - {'log_dir'})}: the only one is {{log_dir}}")
+        raise ValueError(f"unknown placeholder(s) {sorted(fields - {'log_dir'})}: the only one is {{log_dir}}")
     return value
 
 
 def _shard_size(value: Any) -> Any:
-    if _is_int(value):
-        if value <= 0:
-            raise _Invalid("not positive")
-        return int(value)
-    if not isinstance(value, str):
-        raise _Invalid()
+    """A positive number of bytes or a size string, as ``save_pretrained(max_shard_size=...)`` reads it."""
     from transformers.utils.hub import convert_file_size_to_int
 
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, str)):
+        raise ValueError
     try:
         size = convert_file_size_to_int(value)
     except (ValueError, TypeError):
-        raise _Invalid("not a size such as 5GB, 500MB or a number of bytes") from None
+        raise ValueError("not a size such as 5GB, 500MB or a number of bytes") from None
     if size <= 0:
-        raise _Invalid("not positive")
-    return value
+        raise ValueError("not positive")
+    return int(value) if isinstance(value, numbers.Integral) else value
 
 
 def float_dtype(value: Any) -> torch.dtype:
     """The floating-point torch dtype named ``value`` (``"float16"``, ``"torch.bfloat16"``, a dtype)."""
-    if isinstance(value, torch.dtype):
-        dtype = value
-    elif isinstance(value, str):
-        dtype = getattr(torch, value.removeprefix("torch."), None)
-    else:
-        dtype = None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise _Invalid()
-    return dtype
+    if isinstance(value, str):
+        value = getattr(torch, value.removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise ValueError
+    return value
 
 
-def _dtype_name(value: Any) -> str:
-    return str(float_dtype(value)).removeprefix("torch.")
+_BOOL = ("true or false", "true", _boolean)
 
-
-_BOOL = OptionCheck("true or false", "true", _boolean)
-
-OPTION_CHECKS: Dict[str, OptionCheck] = {
-    "alpha": OptionCheck("a finite number, a list of finite numbers (one per task) or null (1.0)", "1.0", _alpha,
-                         optional=True),
-    "alpha_grid": OptionCheck("a list of distinct finite positive numbers or null", "[0.5,1.0]", _alpha_grid,
-                              optional=True),
-    "validation_taskpool": OptionCheck(
-        "a task pool config (with _target_), the name of one, or null",
-        "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val",
-        _taskpool, optional=True),
-    "exclude_keys": OptionCheck("a list of glob patterns or null", "['*text_projection*']", _patterns, optional=True),
-    "rank": OptionCheck("a positive integer or null", "16", _integer(1), optional=True),
-    "fraction": OptionCheck("a number in (0, 1] or null", "0.125", _in_unit_interval, optional=True),
-    "energy": OptionCheck("a number in (0, 1] or null", "0.95", _in_unit_interval, optional=True),
-    "device": OptionCheck("a torch device name or null (the Fabric device)", "cpu", _device, optional=True),
-    "svd_method": OptionCheck(f"one of {', '.join(map(repr, SVD_METHODS))}", "gram", _choice(SVD_METHODS)),
-    "num_workers": OptionCheck("a non-negative integer or null", "2", _integer(0), optional=True),
-    "save_path": OptionCheck("a directory path or null", "'{log_dir}/out'", _path, optional=True),
-    "max_shard_size": OptionCheck("a size such as '5GB' or a positive number of bytes", "2GB", _shard_size),
-    "factor_dtype": OptionCheck("a floating-point torch dtype name or null", "float16", _dtype_name, optional=True),
-    "max_memory_gb": OptionCheck("a positive number", "4.0", _positive),
-    "show_pbar": _BOOL,
-    "print_profile": _BOOL,
-    "lazy_loading": _BOOL,
-    "save_tokenizer": _BOOL,
-    "allow_missing_keys": _BOOL,
-    "routed_eval": _BOOL,
-    "evaluate_finetuned": _BOOL,
-    "full_rank": _BOOL,
-    "rank_revealing": _BOOL,
+#: Every option of TSV-M, TSV-C and STI (an option has the same meaning in each): what it accepts, a valid
+#: example and its converter. An option whose description ends in "or null" (or says "null (...)") accepts None.
+OPTION_CHECKS: Dict[str, Tuple[str, str, Convert]] = {
+    "alpha": ("a finite number, a list of finite numbers (one per task) or null (1.0)", "1.0", _alpha),
+    "alpha_grid": ("a list of distinct finite positive numbers or null", "[0.5,1.0]", _alpha_grid),
+    "validation_taskpool": ("a task pool config (with _target_), the name of one, or null",
+                            "CLIPVisionModelTaskPool/clip-vit-classification_TA8_val", _taskpool),
+    "exclude_keys": ("a list of glob patterns or null", "['*text_projection*']", _patterns),
+    "rank": ("a positive integer or null", "16", _integer(1)),
+    "fraction": ("a number in (0, 1] or null", "0.125", _number_where(lambda v: 0 < v <= 1, "outside (0, 1]")),
+    "energy": ("a number in (0, 1] or null", "0.95", _number_where(lambda v: 0 < v <= 1, "outside (0, 1]")),
+    "device": ("a torch device name or null (the Fabric device)", "cpu", _device),
+    "svd_method": (f"one of {', '.join(map(repr, SVD_METHODS))}", "gram", _choice(SVD_METHODS)),
+    "num_workers": ("a non-negative integer or null", "2", _integer(0)),
+    "save_path": ("a directory path or null", "'{log_dir}/out'", _path),
+    "max_shard_size": ("a size such as '5GB' or a positive number of bytes", "2GB", _shard_size),
+    "factor_dtype": ("a floating-point torch dtype name or null", "float16",
+                     lambda v: str(float_dtype(v)).removeprefix("torch.")),
+    "max_memory_gb": ("a positive number", "4.0", _positive),
+    **dict.fromkeys(["show_pbar", "print_profile", "lazy_loading", "save_tokenizer", "allow_missing_keys",
+                     "routed_eval", "evaluate_finetuned", "full_rank", "rank_revealing"], _BOOL),
 }
-"""Every option of TSV-M, TSV-C and STI, by name (an option has the same meaning in each)."""
-
 
 RENAMED = {"output_dir": "save_path"}
 """Former option names and the option that replaced them."""
@@ -282,33 +222,38 @@ def option_names(cls: type) -> List[str]:
     ]
 
 
-def _inherited_keywords(cls: type) -> List[str]:
-    """Keywords the base classes' ``__init__`` take (FusionBench's ``_usage_``, ``_version_``, ``_recursive_``)."""
-    for base in cls.__mro__[1:]:
-        if "__init__" in vars(base):
-            return option_names(base)
-    return []
+def _check(owner: str, name: str, value: Any) -> Any:
+    """The normalized ``value`` of option ``name``, or a ValueError naming it, with what to write instead."""
+    expected, example, convert = OPTION_CHECKS[name]
+    if value is None and "null" in expected:
+        return None
+    try:
+        return convert(value)
+    except ValueError as e:
+        reason = f" ({e})" if str(e) else ""
+        raise ValueError(
+            f"{owner}: option '{name}' must be {expected}, got {value!r} of type {type(value).__name__}{reason}; "
+            f"e.g. {name}={example} in Python, method.{name}={example} on the command line"
+        ) from None
 
 
 def validate_options(algorithm: Any, kwargs: Mapping[str, Any]) -> Dict[str, Any]:
     """Check the options of ``algorithm`` (already set as attributes by ``auto_register_config``).
 
-    Raises ``TypeError`` for a keyword option the class does not have and ``ValueError`` for a value
-    out of type or range, each naming the option; stores the normalized values and returns the keywords
-    to hand to the base class.
+    Raises ``TypeError`` for a keyword option the class does not have (FusionBench's base class takes
+    ``_usage_``, ``_version_``, ``_recursive_``) and ``ValueError`` for a value out of type or range,
+    each naming the option; stores the normalized values and returns the keywords for the base class.
     """
     cls = type(algorithm)
     names = option_names(cls)
-    inherited = _inherited_keywords(cls)
-    unknown = [k for k in kwargs if k not in inherited]
+    base = next(b for b in cls.__mro__[1:] if "__init__" in vars(b))
+    unknown = [k for k in kwargs if k not in option_names(base)]
     if unknown:
         hints = []
         for k in unknown:
             close = [RENAMED[k]] if RENAMED.get(k) in names else difflib.get_close_matches(k, names, n=1)
             hints.append(f"'{k}'" + (f" (did you mean '{close[0]}'?)" if close else ""))
-        raise TypeError(
-            f"{cls.__name__}: unknown option(s) {', '.join(hints)}; valid options: {', '.join(names)}"
-        )
+        raise TypeError(f"{cls.__name__}: unknown option(s) {', '.join(hints)}; valid options: {', '.join(names)}")
     for name in names:
-        setattr(algorithm, name, OPTION_CHECKS[name](cls.__name__, name, getattr(algorithm, name)))
+        setattr(algorithm, name, _check(cls.__name__, name, getattr(algorithm, name)))
     return dict(kwargs)

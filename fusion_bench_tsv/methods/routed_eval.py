@@ -3,9 +3,11 @@
 FusionBench's program evaluates every returned model on every task of the task pool (T × T). TSV-C
 evaluates task i's model on task i only, as the paper does (task identity known at test time). The
 task pools that evaluate per-task test sets, ``CLIPVisionModelTaskPool`` (Hugging Face CLIP) and
-``OpenCLIPVisionModelTaskPool`` (open_clip), both keep them in ``test_dataloaders`` after ``setup()``
-and loop over that mapping in ``evaluate``; :func:`evaluate_on_task` restricts it to one task for the
-duration of one call, so the task pool's own classifier heads, metrics and reports are used unchanged.
+``OpenCLIPVisionModelTaskPool`` (open_clip), both build them in their public ``setup()`` as the public
+mapping ``test_dataloaders`` and loop over it in ``evaluate`` (FusionBench 0.2.33 and main); neither has a
+public way to evaluate one task or to list the tasks before ``setup()``. :func:`evaluate_on_task` sets
+``test_dataloaders`` to the one task for the duration of one call, so the task pool's own classifier heads,
+metrics and reports are used unchanged; only public attributes and methods of the task pool are used.
 """
 
 from __future__ import annotations
@@ -41,19 +43,36 @@ REPORT_FILE = "tsv_compress_report.json"
 TASKPOOL_REPORTS_DIR = "routed_eval"
 
 
+def _routable_classes() -> tuple:
+    """FusionBench's task pools whose ``setup()`` builds per-task ``test_dataloaders`` that ``evaluate`` loops
+    over (the OpenCLIP one only where open_clip imports)."""
+    from fusion_bench.taskpool import CLIPVisionModelTaskPool
+
+    try:
+        from fusion_bench.taskpool import OpenCLIPVisionModelTaskPool
+    except ImportError:
+        return (CLIPVisionModelTaskPool,)
+    return CLIPVisionModelTaskPool, OpenCLIPVisionModelTaskPool
+
+
 def supports_routing(taskpool) -> bool:
-    """Whether ``taskpool`` has per-task test sets that :func:`evaluate_on_task` can restrict."""
-    return taskpool is not None and isinstance(getattr(taskpool, "_test_datasets", None), Mapping)
+    """Whether ``taskpool`` has per-task test sets that :func:`evaluate_on_task` can restrict: one of
+    :func:`_routable_classes` (or a subclass), or a task pool already holding a ``test_dataloaders`` mapping."""
+    if taskpool is None:
+        return False
+    return isinstance(taskpool, _routable_classes()) or isinstance(getattr(taskpool, "test_dataloaders", None), Mapping)
 
 
 def taskpool_tasks(taskpool) -> List[str]:
-    """The names of the task pool's test sets (without loading them)."""
+    """The names of the task pool's test sets (``setup()`` first, if it was not called yet)."""
     if not supports_routing(taskpool):
         raise TypeError(
             f"routed evaluation needs a task pool with per-task test sets (CLIPVisionModelTaskPool, "
             f"OpenCLIPVisionModelTaskPool), got {type(taskpool).__name__}"
         )
-    return list(taskpool._test_datasets.keys())
+    if not isinstance(getattr(taskpool, "test_dataloaders", None), Mapping):
+        taskpool.setup()
+    return list(taskpool.test_dataloaders)
 
 
 def evaluate_on_task(taskpool, model: nn.Module, task: str, label: Optional[str] = None) -> Dict[str, Any]:
@@ -63,10 +82,9 @@ def evaluate_on_task(taskpool, model: nn.Module, task: str, label: Optional[str]
     file the task pool writes into the log dir (``report.json``, ``report_1.json``, … when it has a logger) is
     moved to ``routed_eval/<label>-<task>.json`` there (``label``: the model, e.g. ``tsv_c``; None: left as is).
     """
-    if task not in taskpool_tasks(taskpool):
-        raise KeyError(f"the task pool has no test set '{task}'; it has {taskpool_tasks(taskpool)}")
-    if not getattr(taskpool, "_is_setup", False):
-        taskpool.setup()
+    available = taskpool_tasks(taskpool)  # sets the task pool up if needed
+    if task not in available:
+        raise KeyError(f"the task pool has no test set '{task}'; it has {available}")
     loaders = taskpool.test_dataloaders
     taskpool.test_dataloaders = {task: loaders[task]}
     log_dir = getattr(taskpool, "log_dir", None) if label is not None else None

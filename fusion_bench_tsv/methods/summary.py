@@ -13,6 +13,7 @@ failed job prints nothing here, so its error stays the last thing printed.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional
@@ -21,17 +22,26 @@ from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-__all__ = ["RunSummary", "RunSummaryCallback", "averages", "task_accuracies"]
+__all__ = ["RunSummary", "RunSummaryCallback", "averages", "task_accuracies", "task_entries"]
 
 #: summaries of the current CLI job, printed at its end by :class:`RunSummaryCallback`
 _PENDING: List["RunSummary"] = []
 _IN_CLI_JOB = [False]
 
 
+def task_entries(report: Mapping[str, Any]) -> Mapping[str, Any]:
+    """``{task: entry}`` of a report: TSV-C's full report (``tsv_compress_report.json``) nests them under ``tasks``;
+    a task pool's report and TSV-C's ``program_report.json`` hold them at the top level, beside ``average``."""
+    if isinstance(report.get("tasks"), Mapping) and "routing" in report:
+        return report["tasks"]
+    return {task: entry for task, entry in report.items() if task != "average" and isinstance(entry, Mapping)}
+
+
 def task_accuracies(report: Mapping[str, Any]) -> Dict[str, float]:
-    """``{task: accuracy}`` of a FusionBench task pool report (every entry with an ``accuracy`` but ``average``)."""
-    return {task: float(entry["accuracy"]) for task, entry in report.items()
-            if task != "average" and isinstance(entry, Mapping) and entry.get("accuracy") is not None}
+    """``{task: accuracy}`` (a fraction) of a FusionBench task pool report (``taskpool.evaluate``: ``{task:
+    {"accuracy": …}}``, plus ``average`` and ``model_info``) or of TSV-C's reports."""
+    return {task: float(entry["accuracy"]) for task, entry in task_entries(report).items()
+            if isinstance(entry, Mapping) and isinstance(entry.get("accuracy"), numbers.Real)}
 
 
 def averages(report: Mapping[str, Any]) -> Dict[str, float]:

@@ -39,9 +39,7 @@ def available_cores() -> int:
 
 def resolve_workers(num_workers: Optional[int], device: torch.device, world_size: int = 1) -> int:
     """``num_workers`` or, for ``None``, the CPU cores per process when the math runs on the CPU (1 on a GPU)."""
-    if num_workers is not None:
-        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-            raise ValueError(f"option 'num_workers' must be a non-negative integer or null, got {num_workers!r}")
+    if num_workers is not None:  # checked by the options (methods/options.py)
         return max(1, num_workers)
     if device.type != "cpu":
         return 1
@@ -55,7 +53,7 @@ def _blas_controller():
     from threadpoolctl import ThreadpoolController
 
     try:
-        import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, which the Gram paths call, before the scan)
+        import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, which eigh_top calls, before the scan)
     except ImportError:  # pragma: no cover
         pass
     return ThreadpoolController()
@@ -90,7 +88,8 @@ class LayerExecutor:
     after: it blocks while ``max_pending`` jobs are unfinished or their tensors hold more than ``max_bytes``
     (one job is always allowed, however large), so it never runs far ahead of the math and memory stays
     bounded. While it is open, torch and the BLAS libraries it or SciPy loaded use one thread each, in the
-    calling thread too, so a job computes the same bits whatever ``workers`` is.
+    calling thread too, so a job computes the same bits whatever ``workers`` is. (Not a bare
+    ``ThreadPoolExecutor``: its queue is unbounded, so a reader would load every tensor ahead of the math.)
     """
 
     def __init__(self, workers: int, max_pending: Optional[int] = None, max_bytes: int = 256 * 2**20):

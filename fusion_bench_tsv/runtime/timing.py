@@ -1,4 +1,9 @@
-"""A timing callback that any thread may call: ``timer(action, seconds)``."""
+"""A timing callback that any thread may call: ``timer(action, seconds)``.
+
+Not FusionBench's ``SimpleProfilerMixin.profile``: Lightning's ``SimpleProfiler.start`` raises for an action
+already running, which two worker threads timing ``"truncated svd"`` at once do; nor ``timeit_context``,
+which logs two lines per call (thousands of SVDs) and reports to no one.
+"""
 
 from __future__ import annotations
 

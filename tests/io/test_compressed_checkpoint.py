@@ -1,10 +1,9 @@
-"""The TSV-C checkpoint is verified when loaded: checksums of the file, of each task and of the base model,
-and the manifest's shapes, ranks and dtypes against the tensors. Every damage or edit is refused with an
-error naming the file and the task or tensor."""
+"""The TSV-C checkpoint (one .safetensors file) is verified when loaded: the digests of its metadata, of each
+task and of the base model, and every tensor's shape and values. Every damage or edit is refused with an
+error naming the file and the entry, task or tensor."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -14,15 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from fusion_bench_tsv import TSVCompressAlgorithm
 from fusion_bench_tsv.benchmark.synthetic import synthetic_task_state
+from fusion_bench_tsv.io.compressed_checkpoint import TENSOR_FILE, metadata_digest, task_digest
 
 VISION = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                           image_size=16, patch_size=8)
-TENSOR_FILE, MANIFEST = "task_vectors.safetensors", "manifest.json"
 Q = "vision_model.encoder.layers.0.self_attn.q_proj.weight"  # 16 x 16, k = 2
 FC1 = "vision_model.encoder.layers.1.mlp.fc1.weight"  # 32 x 16
 BIAS = "vision_model.post_layernorm.bias"
@@ -49,28 +49,28 @@ def checkpoints(tmp_path_factory):
     return root, pool["_pretrained_"]
 
 
-def _manifest(d: Path) -> dict:
-    return json.loads((d / MANIFEST).read_text())
+def _metadata(d: Path) -> dict:
+    with safe_open(str(d / TENSOR_FILE), framework="pt") as f:
+        return f.metadata()
 
 
-def _write_manifest(d: Path, manifest: dict) -> None:
-    (d / MANIFEST).write_text(json.dumps(manifest))
-
-
-def _fix_file_checksum(d: Path) -> None:
-    """Record the tensor file's current size and SHA-256 in the manifest (an edit made consistent at file level)."""
-    manifest = _manifest(d)
-    data = (d / TENSOR_FILE).read_bytes()
-    manifest["files"][TENSOR_FILE] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _write_manifest(d, manifest)
-
-
-def _rewrite(d: Path, edit, fix_checksum: bool = True) -> None:
-    tensors = load_file(d / TENSOR_FILE)
-    edit(tensors)
-    save_file(tensors, str(d / TENSOR_FILE), metadata={"format": "fusion_bench_tsv/tsv_c"})
-    if fix_checksum:
-        _fix_file_checksum(d)
+def _rewrite(d: Path, edit_tensors=None, edit_metadata=None, fix_digests: bool = False) -> None:
+    """Write the file again with its tensors and/or metadata edited; ``fix_digests``: the task digests and the
+    metadata digest recomputed (an edit made consistent, reaching the checks behind them)."""
+    tensors, metadata = load_file(d / TENSOR_FILE), _metadata(d)
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_metadata:
+        entries = {k: json.loads(v) for k, v in metadata.items() if k in ("tasks", "matrices", "others")}
+        edit_metadata(entries)
+        metadata.update({k: json.dumps(v) for k, v in entries.items()})
+    if fix_digests:
+        names = json.loads(metadata["tasks"])
+        metadata["task_sha256"] = json.dumps({
+            name: task_digest(name, {k[len(f"t{i}"):]: v for k, v in tensors.items() if k.startswith(f"t{i}/")})
+            for i, name in enumerate(names)})
+        metadata["sha256"] = metadata_digest(metadata)
+    save_file(tensors, str(d / TENSOR_FILE), metadata=metadata)
 
 
 def _swap_two_values_in_place(d: Path) -> None:
@@ -85,6 +85,10 @@ def _transpose_q(t):
     t[f"t0/{Q}/U"], t[f"t0/{Q}/Vh"] = t[f"t0/{Q}/Vh"].T.contiguous(), t[f"t0/{Q}/U"].T.contiguous()
 
 
+def _transpose_fc1(t):
+    t[f"t0/{FC1}/U"], t[f"t0/{FC1}/Vh"] = t[f"t0/{FC1}/Vh"].T.contiguous(), t[f"t0/{FC1}/U"].T.contiguous()
+
+
 def _nan_in_u(t):
     t[f"t0/{FC1}/U"][3, 1] = float("nan")
 
@@ -97,72 +101,70 @@ def _u_wrong_shape(t):
     t[f"t0/{FC1}/U"] = torch.cat([t[f"t0/{FC1}/U"], torch.zeros(32, 1)], dim=1)
 
 
-def _swap_prefixes(m):
-    m["tasks"][0]["prefix"], m["tasks"][1]["prefix"] = m["tasks"][1]["prefix"], m["tasks"][0]["prefix"]
+def _bias_half(t):
+    t[f"t0/{BIAS}"] = t[f"t0/{BIAS}"].half()
+
+
+def _swap_task_names(m):
+    m["tasks"].reverse()
 
 
 def _wrong_k(m):
     m["matrices"][FC1]["k"][0] = 1
 
 
-def _wrong_dtype(m):
-    m["others"][BIAS]["dtype"] = "float16"
+def _k_zero(m):
+    m["matrices"][FC1]["k"][0] = 0
 
 
-def _old_version(m):
-    m["version"] = 1
+def _digest_of_edited_metadata(d: Path) -> None:
+    metadata = _metadata(d)
+    metadata["base_model"] = "someone/else"
+    save_file(load_file(d / TENSOR_FILE), str(d / TENSOR_FILE), metadata=metadata)
 
 
-def _escape_tensor_file(m):
-    m["tensor_file"] = "../" + TENSOR_FILE
-
-
-def _tensor_file_of_another_checkpoint(d: Path, root: Path) -> None:
-    other = root / "other"
-    shutil.copy(other / TENSOR_FILE, d / "other.safetensors")
-    manifest = _manifest(d)
-    manifest["tensor_file"] = "other.safetensors"
-    manifest["files"] = {"other.safetensors": _manifest(other)["files"][TENSOR_FILE]}
-    _write_manifest(d, manifest)
+def _old_format(d: Path, root: Path) -> None:
+    (d / TENSOR_FILE).rename(d / "task_vectors.safetensors")
+    (d / "manifest.json").write_text("{}")
 
 
 FILE = "{d}/" + TENSOR_FILE
-TASK_SUM = FILE + ": the tensors of task 'alpha' \\(prefix 't[01]'\\) do not match its SHA-256 in manifest.json"
+TASK_SUM = FILE + ": the tensors of task 'alpha' \\(prefix 't[01]'\\) do not match its SHA-256"
+EDITED = FILE + ": its metadata does not match their SHA-256 \\(metadata entry 'sha256'\\)"
 CASES = {
-    "two values swapped": (lambda d, root: _swap_two_values_in_place(d), FILE + ": its SHA-256 differs from the one in manifest.json"),
-    "two values swapped, file checksum updated": (
-        lambda d, root: (_swap_two_values_in_place(d), _fix_file_checksum(d)), TASK_SUM),
+    "two values swapped": (lambda d, root: _swap_two_values_in_place(d), TASK_SUM),
     "q_proj transposed": (lambda d, root: _rewrite(d, _transpose_q), TASK_SUM),
-    "task prefixes swapped in the manifest": (lambda d, root: _write_manifest(d, _swap(_manifest(d), _swap_prefixes)),
-                                              TASK_SUM),
-    "tensor_file of another checkpoint": (_tensor_file_of_another_checkpoint,
-                                          "{d}/other.safetensors: the tensors of task 'alpha'"),
+    "fc1 transposed, digests fixed": (
+        lambda d, root: _rewrite(d, _transpose_fc1, fix_digests=True),
+        FILE + f": task 'alpha': tensor 't0/{FC1}/U' has shape \\[16, 2\\], the metadata says \\[32, 2\\]"),
+    "task names swapped in the metadata": (lambda d, root: _rewrite(d, edit_metadata=_swap_task_names), EDITED),
+    "task names swapped, metadata digest fixed": (
+        lambda d, root: (_rewrite(d, edit_metadata=_swap_task_names), _fix_metadata_digest(d)), TASK_SUM),
+    "a metadata value edited": (lambda d, root: _digest_of_edited_metadata(d), EDITED),
     "NaN in U": (lambda d, root: _rewrite(d, _nan_in_u), TASK_SUM),
     "U times 10": (lambda d, root: _rewrite(d, _u_times_10), TASK_SUM),
-    "U of the wrong shape": (lambda d, root: _rewrite(d, _u_wrong_shape),
-                             FILE + f": task 'alpha': tensor 't0/{FC1}/U' is F32 \\[32, 3\\], manifest.json describes "
-                             "float32 \\[32, 2\\]"),
-    "wrong k in the manifest": (lambda d, root: _write_manifest(d, _swap(_manifest(d), _wrong_k)),
-                                FILE + f": task 'alpha': tensor 't0/{FC1}/U' is F32 \\[32, 2\\], manifest.json "
-                                "describes float32 \\[32, 1\\]"),
-    "wrong dtype in the manifest": (lambda d, root: _write_manifest(d, _swap(_manifest(d), _wrong_dtype)),
-                                    FILE + f": task 'alpha': tensor 't0/{BIAS}' is F32 \\[16\\], manifest.json "
-                                    "describes float16 \\[16\\]"),
+    "bias stored as float16": (lambda d, root: _rewrite(d, _bias_half), TASK_SUM),
+    "U of the wrong shape": (lambda d, root: _rewrite(d, _u_wrong_shape, fix_digests=True),
+                             FILE + f": task 'alpha': tensor 't0/{FC1}/U' has shape \\[32, 3\\], the metadata "
+                             "says \\[32, 2\\]"),
+    "wrong k in the metadata": (lambda d, root: _rewrite(d, edit_metadata=_wrong_k, fix_digests=True),
+                                FILE + f": task 'alpha': tensor 't0/{FC1}/U' has shape \\[32, 2\\], the metadata "
+                                "says \\[32, 1\\]"),
+    "k = 0 in the metadata": (lambda d, root: _rewrite(d, edit_metadata=_k_zero, fix_digests=True),
+                              FILE + f": metadata 'matrices' entry '{FC1}' is malformed"),
     "truncated tensor file": (lambda d, root: (d / TENSOR_FILE).write_bytes((d / TENSOR_FILE).read_bytes()[:-100]),
-                              FILE + " has \\d+ bytes, manifest.json records \\d+: the file is truncated"),
-    "invalid manifest JSON": (lambda d, root: (d / MANIFEST).write_text((d / MANIFEST).read_text()[:-20]),
-                              "{d}/manifest.json is not valid JSON"),
-    "older format version": (lambda d, root: _write_manifest(d, _swap(_manifest(d), _old_version)),
-                             "{d}/manifest.json: TSV-C checkpoint format version 1, written by an older "
-                             "fusion_bench_tsv; .*Create it again"),
-    "tensor_file outside the checkpoint": (lambda d, root: _write_manifest(d, _swap(_manifest(d), _escape_tensor_file)),
-                                           "'tensor_file': '../task_vectors.safetensors' points outside {d}"),
+                              FILE + " is not a readable safetensors file \\(.*file not fully covered\\)"),
+    "invalid metadata JSON": (
+        lambda d, root: (_rewrite(d, edit_metadata=lambda m: m.update(others="{")), _fix_metadata_digest(d)),
+        FILE + ": metadata entry 'others' is malformed"),
+    "older format": (_old_format, "{d}: a TSV-C checkpoint of the older format \\(manifest.json"),
 }
 
 
-def _swap(manifest: dict, edit) -> dict:
-    edit(manifest)
-    return manifest
+def _fix_metadata_digest(d: Path) -> None:
+    metadata = _metadata(d)
+    metadata["sha256"] = metadata_digest(metadata)
+    save_file(load_file(d / TENSOR_FILE), str(d / TENSOR_FILE), metadata=metadata)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -201,26 +203,19 @@ def test_verify_checkpoint_reads_every_task(checkpoints):
     from fusion_bench_tsv.io.compressed_checkpoint import VERSION, verify_checkpoint
 
     root, _ = checkpoints
-    manifest = verify_checkpoint(root / "ckpt")
-    assert manifest["version"] == VERSION >= 2
-    assert [t["name"] for t in manifest["tasks"]] == ["alpha", "beta"]
-    assert all(len(t["sha256"]) == 64 for t in manifest["tasks"])
+    info = verify_checkpoint(root / "ckpt")
+    assert info["version"] == VERSION and info["tasks"] == ["alpha", "beta"]
+    assert sorted(info["task_sha256"]) == ["alpha", "beta"] and all(len(s) == 64 for s in info["task_sha256"].values())
 
 
 def test_non_finite_factor_with_matching_checksums_is_refused_naming_file_and_tensor(checkpoints, tmp_path):
-    """A NaN written into U with every checksum made consistent (file and task): refused by the finite check."""
-    from fusion_bench_tsv.io.compressed_checkpoint import load_task_model, task_digest
+    """A NaN written into U with every digest made consistent (task and metadata): refused by the finite check."""
+    from fusion_bench_tsv.io.compressed_checkpoint import load_task_model
 
     root, base = checkpoints
     d = tmp_path / "ckpt"
     shutil.copytree(root / "ckpt", d)
-    _rewrite(d, _nan_in_u, fix_checksum=False)
-    manifest = _manifest(d)
-    tensors = load_file(d / TENSOR_FILE)
-    manifest["tasks"][0]["sha256"] = task_digest("alpha", {k[len("t0"):]: v for k, v in tensors.items()
-                                                           if k.startswith("t0/")})
-    _write_manifest(d, manifest)
-    _fix_file_checksum(d)
+    _rewrite(d, _nan_in_u, fix_digests=True)
     with pytest.raises(ValueError, match=re.escape(f"{d / TENSOR_FILE}: task 'alpha': tensor 't0/{FC1}/U' holds NaN")):
         load_task_model(d, "alpha", base)
     load_task_model(d, "beta", base)  # the other task is finite and loads
@@ -239,5 +234,5 @@ def test_edit_restoring_size_and_mtime_is_refused_after_a_verified_load(checkpoi
     os.utime(d / TENSOR_FILE, ns=(st.st_atime_ns, st.st_mtime_ns))
     after = (d / TENSOR_FILE).stat()
     assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
-    with pytest.raises(ValueError, match=re.escape(f"{d / TENSOR_FILE}: its SHA-256 differs")):
+    with pytest.raises(ValueError, match=re.escape(f"{d / TENSOR_FILE}: the tensors of task 'alpha' (prefix 't0') do")):
         load_task_model(d, "alpha", base)

@@ -114,7 +114,7 @@ def test_files_edited_after_we_wrote_them_are_never_replaced(tmp_path, edit):
     assert snapshot(target) == before and no_fine_tuned_loaded(pool)
 
 
-@pytest.mark.parametrize("method, name", [("TSV-M", "config.json"), ("TSV-C", "manifest.json"), ("STI", "sti.csv")])
+@pytest.mark.parametrize("method, name", [("TSV-M", "config.json"), ("TSV-C", "tsv_c.safetensors"), ("STI", "sti.csv")])
 def test_each_methods_edited_file_protects_its_output(method, name, tmp_path):
     """One character changed, size and mtime put back: the SHA-256 in the marker tells."""
     target = tmp_path / "out"

@@ -240,6 +240,23 @@ def test_non_finite_scores_are_ignored_wherever_they_are(scores, best, caplog):
         assert "ignored" in caplog.text
 
 
+def test_non_finite_scores_are_null_in_alpha_grid_json(tmp_path):
+    """JSON has no NaN: a NaN score is written as null, and the file parses as strict JSON."""
+    from lightning.fabric import Fabric
+    from lightning.fabric.loggers import TensorBoardLogger
+
+    algorithm = TSVMergeAlgorithm(alpha_grid=GRID, validation_taskpool=ScriptedTaskPool([NAN, 0.6, 0.4]), show_pbar=False)
+    algorithm.fabric = Fabric(accelerator="cpu", devices=1, loggers=TensorBoardLogger(str(tmp_path), name="run"))
+    algorithm.run(copy_pool(make_pool_models(2)))
+
+    def refuse(constant):
+        raise ValueError(f"alpha_grid.json holds {constant}, which is not JSON")
+
+    text = (tmp_path / "run" / "version_0" / "alpha_grid" / "alpha_grid.json").read_text()
+    results = json.loads(text, parse_constant=refuse)
+    assert results["curve"][0]["accuracy"] is None and results["best"]["alpha"] == GRID[1]
+
+
 def test_all_nan_grid_is_an_error_naming_the_validation_pool():
     algorithm = TSVMergeAlgorithm(alpha_grid=GRID, validation_taskpool=ScriptedTaskPool([NAN] * 3), show_pbar=False)
     with pytest.raises(ValueError, match=r"validation task pool ScriptedTaskPool gave no finite average accuracy"):

@@ -185,16 +185,16 @@ def test_save_load_rebuild_is_bit_identical_and_bytes_exact(vision_pool, tmp_pat
     import safetensors
 
     from fusion_bench_tsv import TSVCompressAlgorithm
-    from fusion_bench_tsv.io.compressed_checkpoint import TENSOR_FILE, load_task_model, read_manifest
+    from fusion_bench_tsv.io.compressed_checkpoint import TENSOR_FILE, load_task_model, read_metadata
 
     ckpt = tmp_path / "ckpt"
     models = TSVCompressAlgorithm(show_pbar=False, device="cpu", save_path=str(ckpt), **options).run(dict(vision_pool))
     base = vision_pool["_pretrained_"]
-    manifest = read_manifest(ckpt)
-    assert [t["name"] for t in manifest["tasks"]] == ["alpha", "beta", "gamma"]
+    manifest = read_metadata(ckpt)
+    assert manifest["tasks"] == ["alpha", "beta", "gamma"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary left behind
 
-    # bytes: the manifest's count is what the file holds, tensor by tensor and on disk
+    # bytes: the metadata's count is what the file holds, tensor by tensor and on disk
     path = ckpt / TENSOR_FILE
     with safetensors.safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
@@ -228,13 +228,13 @@ def test_save_load_rebuild_is_bit_identical_and_bytes_exact(vision_pool, tmp_pat
     from fusion_bench_tsv.io import compressed_checkpoint
 
     requested = []
-    real_read = compressed_checkpoint._read_verified
+    real_read = compressed_checkpoint._read
 
-    def recording(path, manifest, data_start, wanted):
-        requested.extend(wanted)
-        return real_read(path, manifest, data_start, wanted)
+    def recording(f, name):
+        requested.append(name)
+        return real_read(f, name)
 
-    monkeypatch.setattr(compressed_checkpoint, "_read_verified", recording)
+    monkeypatch.setattr(compressed_checkpoint, "_read", recording)
     for i, name in enumerate(["alpha", "beta", "gamma"]):
         requested.clear()
         rebuilt = load_task_model(ckpt, name, base)
@@ -382,7 +382,7 @@ def test_routed_evaluation_open_clip_taskpool(monkeypatch):
 def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
     from support import run_fusion_bench
 
-    from fusion_bench_tsv.io.compressed_checkpoint import read_manifest
+    from fusion_bench_tsv.io.compressed_checkpoint import read_metadata
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     proc = run_fusion_bench(
@@ -425,8 +425,8 @@ def test_routed_evaluation_through_the_cli(tiny_pool, tmp_path, monkeypatch):
         # one division in float64: exact to half an ulp, far inside pytest.approx's relative 1e-6
         assert e["normalized_accuracy"] == (pytest.approx(acc / ft) if ft > 0 else None), (t, acc, ft)
     assert any(pool_accuracy[f"finetuned:{t}"] > 0 for t in ("shade_a", "shade_b")), pool_accuracy
-    manifest = read_manifest(log_dir / "tsv_c")
-    assert [t["name"] for t in manifest["tasks"]] == tiny_pool["tasks"]
+    manifest = read_metadata(log_dir / "tsv_c")
+    assert manifest["tasks"] == tiny_pool["tasks"]
     assert manifest["storage"] == report["storage"]
     assert manifest["rank_choice"]["mode"] == "default"
     assert "TSV-C storage, T=8" in proc.stdout + proc.stderr
