@@ -10,9 +10,9 @@ Model Merging", CVPR 2025, arXiv:2412.00081).
 
 Unlike FusionBench's ``TaskSingularVectorMerging``, the fine-tuned models are loaded one at a time (or
 read layer by layer) and only their rank-k factors and running sums are kept, so peak memory is about
-the pretrained model, one fine-tuned model and the factors, whatever T is; and a layer whose rank is
-below T keeps one component per task instead of being zeroed. The per-parameter merge and its loops
-are in :mod:`fusion_bench_tsv.runtime.merge_job`.
+the pretrained model, one fine-tuned model and the factors, whatever T is. Its defaults that change the
+merged model, and the options that give FusionBench's: the table in ``docs/math.md``. The per-parameter
+merge and its loops are in :mod:`fusion_bench_tsv.runtime.merge_job`.
 
 Example (20 CLIP ViT-B/32 tasks)::
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+import inspect
 from copy import deepcopy
 
 import pytest
@@ -96,6 +97,44 @@ def test_equals_fusion_bench_tsvm_on_local_disk_pool(tiny_pool, svd_method):
     assert len(tiny_pool["tasks"]) >= 8
     p = pool()
     check_merge({n: p.load_model(n) for n in ["_pretrained_", *tiny_pool["tasks"]]}, ours, ref, svd_method)
+
+
+#: FusionBench's TaskSingularVectorMerging in this TSV-M's options (the table in docs/math.md)
+FUSION_BENCH_SETTINGS = {"svd_method": "svd", "rank_revealing": False, "exclude_keys": None}
+
+
+class Projection(torch.nn.Module):
+    """A layer and a matrix named like CLIP's ``text_projection`` (which the default ``exclude_keys`` averages)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(24, 16)
+        self.text_projection = torch.nn.Linear(16, 12, bias=False)
+
+
+def test_fusion_bench_settings_equal_fusion_bench_tsvm_where_every_default_differs():
+    """Rank-2 task matrices (plus the float32 rounding of θᵢ − θ₀), T = 4: k = 4 (fc) and 3 (text_projection)
+    keep round-off directions, which enter the orthogonalization (rank_revealing=false) as FusionBench's float32
+    SVD picks them (svd_method=svd); text_projection is decomposed (exclude_keys=null). min(m, n) ≥ T."""
+    torch.manual_seed(0)
+    base = Projection()
+    models = {"_pretrained_": base}
+    for i in range(4):
+        models[f"task{i}"] = task = deepcopy(base)
+        with torch.no_grad():
+            for p in task.parameters():
+                rank_two = p.dim() == 2
+                update = torch.randn(p.shape[0], 2) @ torch.randn(2, p.shape[1]) if rank_two else torch.randn_like(p)
+                p.add_(0.02 * update)
+    ref = TaskSingularVectorMerging(alpha=1.0).run(copy_pool(models))
+    ours = TSVMergeAlgorithm(show_pbar=False, device="cpu", **FUSION_BENCH_SETTINGS).run(copy_pool(models))
+    check_merge(models, ours, ref, "svd")  # the bound of the same float32 factors, orthogonalized apart
+    defaults = inspect.signature(TSVMergeAlgorithm).parameters
+    for option in FUSION_BENCH_SETTINGS:  # each default alone: another model (by about 0.1 here)
+        settings = {**FUSION_BENCH_SETTINGS, option: defaults[option].default}
+        ours = TSVMergeAlgorithm(show_pbar=False, device="cpu", **settings).run(copy_pool(models))
+        with pytest.raises(AssertionError, match="exceeds the bound"):
+            check_merge(models, ours, ref, "svd")
 
 
 def test_rank_below_num_tasks_not_zeroed_unlike_fusion_bench():
