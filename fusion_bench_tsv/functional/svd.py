@@ -15,6 +15,7 @@ from torch import Tensor
 from . import lapack
 from .interference import SVDFactors
 from .rank import numerical_rank, rank_threshold
+from .tsv_compression import layer_rank
 
 __all__ = [
     "SVDFactors",
@@ -66,14 +67,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_rank(shape: Sequence[int], num_tasks: int) -> int:
-    """Per-task rank of the reference implementation, ``floor(min(m, n) / T)``, but never 0.
-
-    FusionBench's TSV-M gives layers with ``min(m, n) < T`` zero components (the layer's update is
-    silently dropped); we keep at least one singular triplet per task instead.
-    """
-    if num_tasks < 1:
-        raise ValueError(f"num_tasks must be >= 1, got {num_tasks}")
-    return max(1, min(shape[-2:]) // num_tasks)
+    """TSV's per-task rank ``max(1, floor(min(m, n) / T))``: :func:`~.tsv_compression.layer_rank` without options."""
+    return layer_rank(shape, num_tasks)
 
 
 def _check_matrix(delta: Tensor, name: str = "delta") -> None:
