@@ -230,7 +230,13 @@ log = logging.getLogger(__name__)
         an empty copy of the meta module of a `LazyStateDict`."""
         if isinstance(pretrained_model, LazyStateDict):
             device = next(iter(state_dict.values())).device
-            model = deepcopy(pretrained_model.meta_module).to_empty(device=device)
+            meta = pretrained_model.meta_module
+            model = deepcopy(meta).to_empty(device=device)
+            # to_empty also empties the buffers that are not in the state dict (e.g.
+            # CLIP's position_ids), which the meta module holds with their values
+            for name, buffer in meta.named_buffers():
+                if not buffer.is_meta:
+                    model.get_buffer(name).copy_(buffer)
             result = model.load_state_dict(state_dict, strict=False)
             if result.unexpected_keys:
                 raise ValueError(
@@ -262,6 +268,8 @@ low_memory: false
         'docs/algorithms/task_singular_vector.md',
         """\
 where $\\alpha$ is an optional global scaling factor.
+
+
 """,
         """\
 where $\\alpha$ is an optional global scaling factor.
@@ -287,7 +295,7 @@ fusion_bench \\
 with a model pool such as
 
 ```yaml
-_target_: fusion_bench.modelpool.LazyStateDictPool
+_target_: fusion_bench.modelpool.lazy_state_dict_pool.LazyStateDictPool
 models:
   _pretrained_:
     _target_: fusion_bench.utils.LazyStateDict
@@ -296,6 +304,7 @@ models:
   task_1: path/to/task_1
   task_2: path/to/task_2
 ```
+
 """,
     ),
     (
@@ -489,6 +498,17 @@ class TestTaskSingularVectorMergingLowMemory(unittest.TestCase):
                 merged = algorithm.run(pool)
         self.assertIsInstance(merged, CLIPVisionModel)
         self.assertStatesEqual(merged.state_dict(), expected.state_dict())
+        # and the buffers outside the state dict (position_ids), so the same outputs
+        self.assertStatesEqual(
+            dict(merged.named_buffers()), dict(expected.named_buffers())
+        )
+        pixel_values = torch.randn(2, 3, 32, 32)
+        self.assertTrue(
+            torch.equal(
+                merged.eval()(pixel_values).last_hidden_state,
+                expected.eval()(pixel_values).last_hidden_state,
+            )
+        )
         # each tensor is read once (T + 1 checkpoints), all of a parameter before the next
         keys = [c.args[1] for c in getitem.call_args_list]
         order = list(dict.fromkeys(keys))
