@@ -2,29 +2,29 @@ r"""Task Singular Vector Compression (TSV-C): the math and the storage layout.
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
 CVPR 2025 (arXiv:2412.00081). Each task's update of a weight matrix,
-:math:`\Delta_i = W_i - W_0` (``m x n``), is replaced by its top-k singular triplets,
+$\Delta_i = W_i - W_0$ (``m x n``), is replaced by its top-k singular triplets,
 
-.. math::  \hat\Delta_i = U_k \Sigma_k V_k^\top,
-           \qquad \|\Delta_i - \hat\Delta_i\|_F^2 = \sum_{j > k} \sigma_j^2,
+$$\hat\Delta_i = U_k \Sigma_k V_k^\top,
+\qquad \|\Delta_i - \hat\Delta_i\|_F^2 = \sum_{j > k} \sigma_j^2,$$
 
-the best rank-k approximation (Eckart-Young). It costs :math:`k(m + n + 1)` numbers
-instead of :math:`mn`. Task i is served by :math:`W_0 + \hat\Delta_i`; every other
-parameter (biases, norms, excluded matrices) is kept as the fine-tuned model has it.
+the best rank-k approximation (Eckart-Young). It costs $k(m + n + 1)$ numbers instead
+of $mn$. Task i is served by $W_0 + \hat\Delta_i$; every other parameter (biases,
+norms, excluded matrices) is kept as the fine-tuned model has it.
 
-Rank per matrix (at most one option; never 0), with :math:`r = \min(m, n)`:
+Rank per matrix (at most one option; never 0), with $r = \min(m, n)$:
 
-- default: :math:`k = \max(1, \lfloor r / T \rfloor)` for T tasks (the paper's choice);
-- ``fraction`` f in (0, 1]: :math:`k = \max(1, \lfloor f r \rfloor)`;
+- default: $k = \max(1, \lfloor r / T \rfloor)$ for T tasks (the paper's choice);
+- ``fraction`` f in (0, 1]: $k = \max(1, \lfloor f r \rfloor)$;
 - ``rank`` k: the same k for every matrix, at most r;
 - ``energy`` e in (0, 1]: per task, the smallest k with
-  :math:`\sum_{j \le k} \sigma_j^2 \ge e \sum_j \sigma_j^2`.
+  $\sum_{j \le k} \sigma_j^2 \ge e \sum_j \sigma_j^2$.
 
-Storage: :func:`checkpoint_tensors` lays the tasks out as one flat tensor dict for a
+Storage: ``checkpoint_tensors`` lays the tasks out as one flat tensor dict for a
 ``.safetensors`` file, ``t{i}/{key}/U`` (m x k), ``t{i}/{key}/S`` (k), ``t{i}/{key}/Vh``
 (k x n) and ``t{i}/{key}`` for a parameter kept in full, plus the string metadata of its
-header (:data:`FORMAT`, :data:`VERSION`, the task names, each matrix's shape and k per
-task as JSON); :func:`read_layout` and :func:`task_from_tensors` read it back, checking
-every tensor's shape.
+header (``FORMAT``, ``VERSION``, the task names, each matrix's shape and k per task
+as JSON); ``read_layout`` and ``task_from_tensors`` read it back, checking every
+tensor's shape.
 """
 
 import json
@@ -91,14 +91,14 @@ def check_rank_options(
 
 
 def fraction_rank(shape: Sequence[int], fraction: float) -> int:
-    """:math:`\\max(1, \\lfloor f \\min(m, n) \\rfloor)`."""
+    """$\\max(1, \\lfloor f \\min(m, n) \\rfloor)$."""
     check_rank_options(fraction=fraction)
     r = min(shape[-2:])
     return max(1, min(r, math.floor(fraction * r * (1 + _FLOOR_EPS))))
 
 
 def energy_rank(singular_values: Tensor, energy: float) -> int:
-    r"""The smallest k with :math:`\sum_{j \le k} \sigma_j^2 \ge e \sum_j \sigma_j^2`.
+    r"""The smallest k with $\sum_{j \le k} \sigma_j^2 \ge e \sum_j \sigma_j^2$.
 
     ``singular_values`` descend (as ``torch.linalg.svd`` returns them); the sums are
     taken in float64. A zero update keeps one triplet.
@@ -122,7 +122,7 @@ def layer_rank(
     name: str = "matrix",
 ) -> int:
     """k of a matrix of ``shape`` for T = ``num_tasks``: the default
-    :math:`\\max(1, \\lfloor \\min(m, n) / T \\rfloor)`, ``fraction`` or ``rank``.
+    $\\max(1, \\lfloor \\min(m, n) / T \\rfloor)$, ``fraction`` or ``rank``.
 
     A ``rank`` above ``min(m, n)`` is a ``ValueError`` naming the parameter ``name``.
     """
@@ -145,9 +145,9 @@ def layer_rank(
 def compress_matrix(
     delta: Tensor, k: Optional[int] = None, *, energy: Optional[float] = None
 ) -> Factors:
-    r"""Top-k singular triplets :math:`(U_k, \sigma_{1..k}, V_k^\top)` of ``delta``.
+    r"""Top-k singular triplets $(U_k, \sigma_{1..k}, V_k^\top)$ of ``delta``.
 
-    Exactly one of ``k`` (``1 <= k <= min(m, n)``) and ``energy`` (:func:`energy_rank`
+    Exactly one of ``k`` (``1 <= k <= min(m, n)``) and ``energy`` (``energy_rank``
     on the same decomposition). The thin SVD runs in float64 for float64 input and in
     float32 otherwise; the factors are returned contiguous, in ``delta``'s dtype.
     """
@@ -170,7 +170,7 @@ def compress_matrix(
 
 
 def reconstruct(factors: Factors) -> Tensor:
-    r""":math:`U \operatorname{diag}(S) V^\top`, in the factors' dtype."""
+    r"""$U \operatorname{diag}(S) V^\top$, in the factors' dtype."""
     U, S, Vh = factors
     return (U * S) @ Vh
 
@@ -207,7 +207,7 @@ class CompressedTask:
 def apply_compressed(
     base_state: Mapping[str, Tensor], task: CompressedTask, device=None
 ) -> Dict[str, Tensor]:
-    """A new state dict: :math:`W_0 + U \\operatorname{diag}(S) V^\\top` on the
+    """A new state dict: $W_0 + U \\operatorname{diag}(S) V^\\top$ on the
     compressed matrices, the stored values elsewhere, ``base_state``'s other entries.
 
     The sum is formed on ``device`` (default: the parameter's) in float32 (float64 for
@@ -245,7 +245,7 @@ def storage_accounting(
     ``params``: the model's floating-point parameters, ``key -> (shape, dtype)``;
     ``ranks``: per task, ``matrix key -> k`` (its other parameters are stored in full);
     ``factor_dtype``: the factors' dtype (default: each matrix's own). A compressed
-    matrix costs :func:`factor_numel` numbers, anything else its size.
+    matrix costs ``factor_numel`` numbers, anything else its size.
     """
     model_params = sum(_numel(shape) for shape, _ in params.values())
     model_bytes = sum(_numel(s) * _itemsize(d) for s, d in params.values())
@@ -374,7 +374,7 @@ def read_layout(metadata: Optional[Mapping[str, str]]) -> Dict[str, Any]:
 def task_from_tensors(
     layout: Mapping[str, Any], task: str, get_tensor: Callable[[str], Tensor]
 ) -> CompressedTask:
-    """Task ``task`` of a file with ``layout`` (:func:`read_layout`), its tensors read
+    """Task ``task`` of a file with ``layout`` (``read_layout``), its tensors read
     one by one with ``get_tensor(name)`` (e.g. ``safe_open(...).get_tensor``).
 
     A task not in the file is a ``KeyError``; a tensor of another shape than the layout

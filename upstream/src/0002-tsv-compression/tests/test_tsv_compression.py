@@ -139,6 +139,15 @@ class TestTaskSingularVectorCompression(unittest.TestCase):
         self.assertAlmostEqual(report["average"]["accuracy"], mean, places=12)
         self.assertEqual(report["storage"]["num_tasks"], 2)
 
+    def test_no_routing_without_matching_test_sets(self):
+        models = _models(4, 3, 2, seed=3)
+        pool = type("TaskPool", (), {"setup": print, "test_dataloaders": {"mnist": 0}})
+        method = TaskSingularVectorCompression()
+        method._program = type("Program", (), {"taskpool": pool()})()
+        outputs = method.run(BaseModelPool(models))  # routed: no evaluate, an error
+        self.assertEqual(sorted(outputs), ["task_0", "task_1"])
+        self.check(models, outputs, lambda delta: 1)  # floor(3 / 2)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -2,8 +2,8 @@ R"""Task Singular Vector Compression (TSV-C).
 
 Gargiulo et al., "Task Singular Vectors: Reducing Task Interference in Model Merging",
 CVPR 2025 (arXiv:2412.00081). Each task's update of every weight matrix is replaced by
-its top-k singular triplets (:mod:`.utils.tsv_compression`); task i is served by
-:math:`W_0 + U_k \Sigma_k V_k^\top` and, as in the paper, evaluated on task i only.
+its top-k singular triplets (``.utils.tsv_compression``); task i is served by
+$W_0 + U_k \Sigma_k V_k^\top$ and, as in the paper, evaluated on task i only.
 """
 
 import logging
@@ -42,10 +42,9 @@ class TaskSingularVectorCompression(BaseAlgorithm):
             squared singular values, in (0, 1].
         exclude_keys: names or fnmatch patterns of 2-D parameters kept in full.
         save_path: a ``.safetensors`` file for the compressed tasks (None: not saved).
-        routed_eval: with a task pool whose ``setup()`` builds per-task
-            ``test_dataloaders`` (``CLIPVisionModelTaskPool``,
-            ``OpenCLIPVisionModelTaskPool``), evaluate each task's model on its own
-            task and return the report; otherwise return ``{task: model}``.
+        routed_eval: with a task pool whose ``test_dataloaders`` keys are the model
+            names (e.g. ``CLIPVisionModelTaskPool``), evaluate each task's model on
+            its own task and return the report; otherwise return ``{task: model}``.
 
     At most one of ``fraction``, ``rank``, ``energy``; none: k = max(1,
     floor(min(m, n) / T)) for T tasks, the paper's choice.
@@ -71,17 +70,12 @@ class TaskSingularVectorCompression(BaseAlgorithm):
         pretrained = modelpool.load_pretrained_model()
         base = pretrained.state_dict()
         names = modelpool.model_names
+        k_options = {"fraction": self.fraction, "rank": self.rank}
         ranks = {
             key: (
                 None
                 if self.energy is not None
-                else layer_rank(
-                    value.shape,
-                    len(names),
-                    fraction=self.fraction,
-                    rank=self.rank,
-                    name=key,
-                )
+                else layer_rank(value.shape, len(names), name=key, **k_options)
             )
             for key, value in base.items()
             if value.dim() == 2
@@ -102,11 +96,9 @@ class TaskSingularVectorCompression(BaseAlgorithm):
         if self.save_path is not None:
             self.save(tasks)
         taskpool = getattr(self._program, "taskpool", None)
-        if self.routed_eval and _routable(taskpool):
-            return {
-                **self.routed_evaluation(taskpool, pretrained, tasks),
-                "storage": storage,
-            }
+        if self.routed_eval and _routable(taskpool, names):
+            report = self.routed_evaluation(taskpool, pretrained, tasks)
+            return {**report, "storage": storage}
         return {t.name: task_model(pretrained, t) for t in tasks}
 
     def compress_task(
@@ -175,10 +167,11 @@ def task_model(pretrained: nn.Module, task: CompressedTask) -> nn.Module:
     return model
 
 
-def _routable(taskpool) -> bool:
-    """Whether ``taskpool`` evaluates per-task ``test_dataloaders`` (set up if needed)."""
+def _routable(taskpool, names: List[str]) -> bool:
+    """Whether one of ``names`` is a key of ``taskpool.test_dataloaders`` (set up)."""
     if taskpool is None or not callable(getattr(taskpool, "setup", None)):
         return False
     if not isinstance(getattr(taskpool, "test_dataloaders", None), Mapping):
         taskpool.setup()
-    return isinstance(getattr(taskpool, "test_dataloaders", None), Mapping)
+    loaders = getattr(taskpool, "test_dataloaders", None)
+    return isinstance(loaders, Mapping) and any(name in loaders for name in names)
