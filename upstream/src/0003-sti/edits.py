@@ -65,13 +65,6 @@ fusion_bench method=task_singular_vector/SingularTaskInterference \\
 --8<-- "config/method/task_singular_vector/SingularTaskInterference.yaml"
 ```
 
-| Key | Type | Description |
-|---|---|---|
-| `rank` | int | Per-task rank $k$; `null`: TSVM's $\\max(1, \\lfloor \\min(m, n) / T \\rfloor)$. |
-| `full_rank` | bool | Also the STI at full rank and the cosines of the full task vectors. |
-| `exclude_keys` | list | `fnmatch` patterns of parameters to skip (TSVM's are exact names). |
-| `output_path` | str | Directory of the results; `null`: the log directory, else the current one. |
-
 It returns no model and writes `sti.json` and `sti.csv` (one row per layer).
 
 ## Implementation Details
