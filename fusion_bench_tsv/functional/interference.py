@@ -1,18 +1,14 @@
 r"""Singular Task Interference (STI) of one layer (Gargiulo et al., "Task Singular
 Vectors: Reducing Task Interference in Model Merging", CVPR 2025, arXiv:2412.00081,
-Eq. 4). With each task's top-``k`` triplets
-:math:`\Delta_i \approx U_i \Sigma_i V_i^\top`, :math:`U = [U_1 \dots U_T]`,
-:math:`V = [V_1 \dots V_T]`, :math:`\Sigma = \mathrm{blockdiag}(\Sigma_1 \dots
-\Sigma_T)`:
+Eq. 4). With each task's top-`k` triplets $\Delta_i \approx U_i \Sigma_i V_i^\top$,
+$U = [U_1 \dots U_T]$, $V = [V_1 \dots V_T]$, $\Sigma = \mathrm{blockdiag}(\Sigma_i)$:
 
-.. math::  \mathrm{STI} = \lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \rVert_1
+$$\mathrm{STI} = \lVert (U^\top U - I)\, \Sigma\, (V^\top V - I) \rVert_1$$
 
-with the **entrywise** L1 norm (the paper does not say which). It is 0 when different
-tasks' singular vectors are orthogonal; after TSVM's decorrelation it is round-off
-when ``Tk <= min(m, n)``. Singular vectors beyond a task's rank are an arbitrary basis
-of its null space and still enter as rows and columns of the product (only the middle
-index is weighted by σ): :func:`top_k_svd` leaves them out. Pure torch, no models, no
-I/O.
+with the **entrywise** L1 norm (the paper does not say which): 0 when different tasks'
+singular vectors are orthogonal, round-off after TSVM's decorrelation if `Tk <= min(m,
+n)`. Singular vectors beyond a task's rank (an arbitrary basis of its null space) would
+still count: `top_k_svd` leaves them out.
 """
 
 from __future__ import annotations
@@ -25,8 +21,8 @@ from torch import Tensor
 
 
 class SVDFactors(NamedTuple):
-    """Rank-k factors ``U (m × k)``, ``S (k)``, ``Vh (k × n)``, ``U diag(S) Vh ≈ Δ``;
-    the functions here take any ``(U, S, Vh)`` triple."""
+    """Rank-k factors `U (m × k)`, `S (k)`, `Vh (k × n)`, `U diag(S) Vh ≈ Δ`;
+    the functions here take any `(U, S, Vh)` triple."""
 
     U: Tensor
     S: Tensor
@@ -39,12 +35,9 @@ def _check_tasks(num_tasks: int, what: str) -> None:
 
 
 def top_k_svd(delta: Tensor, k: int, rank_revealing: bool = True) -> SVDFactors:
-    r"""The top-``k`` singular triplets of ``delta`` from ``torch.linalg.svd``.
-
-    With ``rank_revealing`` a task keeps at most its numerical rank, the σ above
-    :math:`\max(m, n)\,\varepsilon\,\sigma_1` (the default tolerance of
-    ``torch.linalg.matrix_rank``), and at least one triplet.
-    """
+    r"""The top-`k` singular triplets of `delta` (`torch.linalg.svd`); with
+    `rank_revealing` at most its numerical rank, the σ above $\max(m, n)\varepsilon
+    \sigma_1$ (`torch.linalg.matrix_rank`'s default tolerance), and at least one."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     if rank_revealing:
         tol = max(delta.shape) * torch.finfo(S.dtype).eps * float(S[0])
@@ -58,13 +51,9 @@ def task_factors(
     *,
     svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
 ) -> List[SVDFactors]:
-    """Validate per-task matrices and return ``svd(delta, k)`` of each, computed in
-    float32 (float64 stays float64).
-
-    ``k=None`` is ``max(1, floor(min(m, n) / T))`` (TSVM's rank); ``k = min(m, n)``
-    is the full rank. Raises ``ValueError`` for fewer than 2 tasks, mismatched shapes
-    or an out-of-range ``k``.
-    """
+    """`svd(delta, k)` of each task, in float32 (float64 stays float64); `k=None`:
+    `max(1, floor(min(m, n) / T))` (TSVM's), `min(m, n)`: full. `ValueError` for fewer
+    than 2 tasks, mismatched shapes or an out-of-range `k`."""
     _check_tasks(len(deltas), "STI")
     shape = deltas[0].shape
     for i, d in enumerate(deltas):
@@ -85,7 +74,7 @@ def task_factors(
 
 
 def truncate_factors(factors: SVDFactors, k: int) -> SVDFactors:
-    """The top-``k`` of triplets sorted by decreasing σ (all if there are fewer)."""
+    """The top-`k` of triplets sorted by decreasing σ (all if there are fewer)."""
     if k < 1:
         raise ValueError(f"k={k} is out of range for factors: need k >= 1")
     U, S, Vh = factors
@@ -93,8 +82,8 @@ def truncate_factors(factors: SVDFactors, k: int) -> SVDFactors:
 
 
 def _polar(a: Tensor) -> Tensor:
-    """The nearest matrix with orthonormal columns (rows if wide): ``P Qᵀ`` of the thin
-    SVD ``A = P D Qᵀ``, TSVM's decorrelation (orthogonal Procrustes)."""
+    """The nearest matrix with orthonormal columns (rows if wide): `P Qᵀ` of the thin
+    SVD `A = P D Qᵀ`, TSVM's decorrelation (orthogonal Procrustes)."""
     P, _, Qh = torch.linalg.svd(a, full_matrices=False)
     return P @ Qh
 
@@ -112,15 +101,12 @@ def sti_from_factors(
     decorrelate: bool = False,
     max_bytes: Optional[int] = None,
 ) -> Tensor:
-    r"""STI :math:`\lVert (U^\top U - I)\Sigma(V^\top V - I)\rVert_1` of task factors.
-
-    ``factors``: one ``(U, S, Vh)`` per task (any rank each). ``normalized`` divides by
-    :math:`\lVert\Sigma\rVert_1` (the sum of the kept σ) so that layers compare;
-    ``decorrelate``: after TSVM's decorrelation (U, V replaced by their polar factors).
-    The ``p × p`` product (``p = Σk``) is never formed but summed over blocks of rows of
-    at most ``max_bytes`` (at least one row; None: ``max(m, n)`` rows). Returns a 0-d
-    tensor in the factors' dtype.
-    """
+    r"""STI $\lVert (U^\top U - I)\Sigma(V^\top V - I)\rVert_1$ of task factors:
+    `factors`: one `(U, S, Vh)` per task (any rank each). `normalized` divides by
+    $\lVert\Sigma\rVert_1$ (the sum of the kept σ) so that layers compare;
+    `decorrelate`: after TSVM's decorrelation (U, V replaced by their polar factors).
+    The `p × p` product (`p = Σk`) is summed over blocks of rows of at most `max_bytes`
+    (at least one row; None: `max(m, n)` rows). A 0-d tensor in the factors' dtype."""
     _check_tasks(len(factors), "STI")
     Us, Ss, Vhs = zip(*factors)
     U, S, Vh = torch.cat(Us, dim=1), torch.cat(Ss), torch.cat(Vhs)
@@ -131,14 +117,10 @@ def sti_from_factors(
 
 
 def _blocked_sti(U: Tensor, S: Tensor, V: Tensor, max_bytes: Optional[int]) -> Tensor:
-    r"""The STI summed over row blocks ``R`` of the product ``X Σ Y``.
-
-    ``(XΣY)ᵀ = YΣX`` has the same norm, so rows come from the Gram matrix of the taller
-    factor ``A`` and the other, ``B``, is applied twice. When ``p <= max(m, n)`` a block
-    is ``X_R Σ (BᵀB − I) = ((X_R Σ) Bᵀ) B − X_R Σ`` with ``X_R = A_Rᵀ A − I_R`` formed
-    directly, so after decorrelation (X ≈ 0) nothing large cancels. When ``p > max(m,
-    n)`` (full rank) it is ``A_Rᵀ W − Σ_R B_Rᵀ B + Σ_R I_R`` with ``W = A Σ BᵀB − A Σ``
-    (``m × p``, once): a third fewer products, and the result is of the order of Σ.
+    r"""The STI summed over row blocks `R` of `X Σ Y` (as `YΣX`: rows from the taller
+    factor `A`). If `p <= max(m, n)` a block is `((X_R Σ) Bᵀ) B − X_R Σ`, `X_R = A_Rᵀ A
+    − I_R`, so nothing large cancels after decorrelation (X ≈ 0); else `A_Rᵀ W − Σ_R
+    B_Rᵀ B + Σ_R I_R` with `W = A Σ BᵀB − A Σ` (`m × p`, once): a third fewer products.
     """
     A, B = (U, V) if U.shape[0] >= V.shape[0] else (V, U)
     (a, p), b = A.shape, B.shape[0]
@@ -169,10 +151,10 @@ def pairwise_sti_from_factors(
     normalized: bool = False,
     decorrelate: bool = False,
 ) -> Tensor:
-    r"""The ``T × T`` pairwise STI, entry ``(i, j)`` that of the two tasks alone
-    (diagonal 0); ``normalized`` divides it by :math:`\lVert\Sigma_i\rVert_1 +
-    \lVert\Sigma_j\rVert_1`. Without ``decorrelate`` a pair's Gram matrices are made of
-    each task's ``U_iᵀU_i − I`` (formed once) and the pair's ``U_iᵀU_j``.
+    r"""The `T × T` pairwise STI, entry `(i, j)` that of the two tasks alone
+    (diagonal 0); `normalized` divides it by $\lVert\Sigma_i\rVert_1 +
+    \lVert\Sigma_j\rVert_1$. Without `decorrelate` a pair's Gram matrices are made of
+    each task's `U_iᵀU_i − I` (formed once) and the pair's `U_iᵀU_j`.
     """
     T = len(factors)
     _check_tasks(T, "pairwise STI")
@@ -210,12 +192,10 @@ def singular_task_interference(
     decorrelate: bool = False,
     svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
 ) -> Tensor:
-    r"""STI of one layer from T >= 2 task updates :math:`\Delta_i = \theta_i - \theta_0`
-    of one shape ``m × n`` at per-task rank ``k`` (None: ``max(1, floor(min(m, n) / T))``,
-    ``min(m, n)``: full); ``normalized``, ``decorrelate`` as :func:`sti_from_factors`;
-    ``svd(delta, k)`` returns a task's factors (:func:`top_k_svd`). A 0-d tensor, float32
-    (float64 for float64 input).
-    """
+    r"""STI of one layer from T >= 2 task updates $\Delta_i = \theta_i - \theta_0$
+    of one shape `m × n` at per-task rank `k` (None: `max(1, floor(min(m, n) / T))`,
+    `min(m, n)`: full); the options as `sti_from_factors`; `svd(delta, k)` returns a
+    task's factors (`top_k_svd`). A 0-d tensor, float32 (float64 for float64 input)."""
     factors = task_factors(deltas, k, svd=svd)
     return sti_from_factors(factors, normalized=normalized, decorrelate=decorrelate)
 
@@ -228,8 +208,8 @@ def pairwise_singular_task_interference(
     decorrelate: bool = False,
     svd: Callable[[Tensor, int], SVDFactors] = top_k_svd,
 ) -> Tensor:
-    """The ``T × T`` pairwise STI of one layer (:func:`pairwise_sti_from_factors`) at
-    the ``k`` of all T tasks; the options as :func:`singular_task_interference`."""
+    """The `T × T` pairwise STI of one layer (`pairwise_sti_from_factors`) at
+    the `k` of all T tasks; the options as `singular_task_interference`."""
     factors = task_factors(deltas, k, svd=svd)
     return pairwise_sti_from_factors(
         factors, normalized=normalized, decorrelate=decorrelate
@@ -237,11 +217,10 @@ def pairwise_singular_task_interference(
 
 
 def task_cosine_similarity(tasks: Sequence) -> Tensor:
-    r"""``T × T`` cosine similarity of the flattened task matrices, or of the
-    reconstructions :math:`U_i\Sigma_iV_i^\top` of per-task factors, which are never
-    formed: :math:`\langle\hat\Delta_i, \hat\Delta_j\rangle_F = \sum_{ab}
-    \sigma_{ia}(U_i^\top U_j)_{ab}\sigma_{jb}(V_i^\top V_j)_{ab}`. A zero task has
-    cosine 0 with every task.
+    r"""`T × T` cosine similarity of the flattened task matrices, or of the
+    reconstructions $U_i\Sigma_iV_i^\top$ of per-task factors, which are never
+    formed: $\langle\hat\Delta_i, \hat\Delta_j\rangle_F = \sum_{ab}
+    \sigma_{ia}(U_i^\top U_j)_{ab}\sigma_{jb}(V_i^\top V_j)_{ab}$ (0 for a zero task).
     """
     if isinstance(tasks[0], Tensor):
         dtype = torch.float64 if tasks[0].dtype == torch.float64 else torch.float32
@@ -270,7 +249,7 @@ def _factor_inner(a: SVDFactors, b: SVDFactors) -> Tensor:
 
 
 def mean_pairwise_cosine(similarity: Tensor) -> Tensor:
-    """Mean of the off-diagonal entries ``i < j`` of a ``T × T`` similarity matrix."""
+    """Mean of the off-diagonal entries `i < j` of a `T × T` similarity matrix."""
     T = similarity.shape[0]
     _check_tasks(T, "mean pairwise cosine")
     i, j = torch.triu_indices(T, T, offset=1)
@@ -285,15 +264,13 @@ def layer_interference(
     cosine: Optional[Tensor] = None,
     max_bytes: Optional[int] = None,
 ) -> Tuple[Dict[str, Any], Tensor, Tensor]:
-    r"""One layer's report from each task's full-rank factors (``full_rank``: the STI
-    at full rank, then at rank ``k`` of their top ``k``) or rank-``k`` factors.
-
-    Returns ``(values, pairwise, pairwise_normalized)``: ``values`` has ``kept`` (each
-    task's triplets at rank k), ``sti_full`` (None without ``full_rank``), ``sti``,
-    ``sti_decorrelated``, each also ``*_normalized`` by :math:`\lVert\Sigma\rVert_1`,
-    and ``cosine_mean`` (of ``cosine``, the ``T × T`` cosines of the task matrices,
-    None: of the factors); then the pairwise STI at rank k, float64 on the CPU.
-    """
+    r"""One layer's report from each task's full-rank factors (`full_rank`: the STI
+    at full rank, then at rank `k` of their top `k`) or rank-`k` factors. Returns
+    `(values, pairwise, pairwise_normalized)`: `values` has `kept` (each task's
+    triplets at rank k), `sti_full` (None without `full_rank`), `sti`,
+    `sti_decorrelated`, each also `*_normalized` by $\lVert\Sigma\rVert_1$, and
+    `cosine_mean` (of `cosine`, the `T × T` cosines of the task matrices, None: of the
+    factors); then the pairwise STI at rank k, float64 on the CPU."""
     full = factors if full_rank else None
     factors = [truncate_factors(f, k) for f in factors] if full_rank else factors
     cosine = task_cosine_similarity(factors) if cosine is None else cosine

@@ -37,4 +37,22 @@ EDITS = [
                 new_u = u_u @ vh_u
 """,
     ),
+    (
+        'docs/algorithms/task_singular_vector.md',
+        """\
+For each task $i$, we select only the top $\\lfloor r \\cdot \\text{reduction_factor} \\rfloor$ singular components and place them in task-specific positions within larger matrices:
+""",
+        """\
+For each task $i$, we select only the top $d$ singular components (at least one, also when $r < T$) and place them in task-specific positions within larger matrices, $\\max(r, Td)$ columns wide:
+""",
+    ),
+    (
+        'docs/algorithms/task_singular_vector.md',
+        """\
+where $d = \\lfloor r \\cdot \\text{reduction_factor} \\rfloor$.
+""",
+        """\
+where $d = \\max(1, \\lfloor r / T \\rfloor)$.
+""",
+    ),
 ]

@@ -11,23 +11,37 @@ import torch.nn as nn
 
 from fusion_bench.method import SingularTaskInterference
 from fusion_bench.method.task_singular_vector.utils.interference import (
+    pairwise_singular_task_interference,
     singular_task_interference,
 )
 
 EPS = torch.finfo(torch.float64).eps
 
 
-def _reference_sti(deltas, k):
+def _polar(a):
+    p, _, qh = torch.linalg.svd(a, full_matrices=False)
+    return p @ qh
+
+
+def _reference_sti(deltas, k, decorrelate=False):
     """STI and its error bound: each of the p² entries sums p terms <= σ_max from
     inner products of length <= m + n + p, so |error| <= p³ (m + n + p) ε σ_max."""
     svds = [torch.linalg.svd(d, full_matrices=False) for d in deltas]
     U = torch.cat([u[:, :k] for u, _, _ in svds], dim=1)
     S = torch.cat([s[:k] for _, s, _ in svds])
     V = torch.cat([vh[:k].T for _, _, vh in svds], dim=1)
+    if decorrelate:  # TSVM's: the nearest matrices with orthonormal columns (rows)
+        U, V = _polar(U), _polar(V)
     eye = torch.eye(U.shape[1], dtype=torch.float64)
     sti = ((U.T @ U - eye) @ torch.diag(S) @ (V.T @ V - eye)).abs().sum().item()
     (m, n), p = deltas[0].shape, U.shape[1]
     return sti, S.sum().item(), p**3 * (m + n + p) * EPS * S.max().item()
+
+
+def _mean_cosine(tasks):
+    flat = torch.stack([d.flatten() for d in tasks])
+    cos = nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
+    return cos[[0, 0, 1], [1, 2, 2]].mean().item()
 
 
 def _models(num_tasks=3, seed=0):
@@ -76,10 +90,8 @@ class TestSingularTaskInterference(unittest.TestCase):
             # exactly 0 when T k <= r; its round-off is far below that of the STI
             self.assertLessEqual(row["sti_decorrelated"], bound)
             self.assertGreater(row["sti"], 1e3 * bound)
-            flat = torch.stack([d.flatten() for d in deltas])
-            cos = nn.functional.cosine_similarity(flat[:, None], flat[None], dim=-1)
-            expected = cos[[0, 0, 1], [1, 2, 2]].mean().item()
             # float64 sums of mn terms
+            expected = _mean_cosine(deltas)
             self.assertAlmostEqual(row["cosine_mean"], expected, delta=10 * 48 * EPS)
             sti, _, bound = _reference_sti(deltas[:2], r // 3)
             pair, pair_bound = pair + sti, pair_bound + bound
@@ -95,6 +107,44 @@ class TestSingularTaskInterference(unittest.TestCase):
         sti, _, bound = _reference_sti(deltas, 1)
         got = singular_task_interference(deltas, 3).item()
         self.assertAlmostEqual(got, sti, delta=bound)
+
+    def test_options_and_current_directory(self):
+        models = _models()
+        base, tasks = models["_pretrained_"].state_dict(), list(models.values())[1:]
+        cwd = os.getcwd()
+        with tempfile.TemporaryDirectory() as out:
+            os.chdir(out)  # no output_path and no log directory: the current one
+            try:
+                SingularTaskInterference(full_rank=False, exclude_keys=["0.*"]).run(
+                    models
+                )
+                with open("sti.json") as f:
+                    (row,) = json.load(f)["layers"]
+            finally:
+                os.chdir(cwd)
+        self.assertEqual(
+            (row["layer"], row["k"], row["sti_full"]), ("2.weight", 1, None)
+        )
+        deltas = [m.state_dict()["2.weight"] - base["2.weight"] for m in tasks]
+        sti, _, bound = _reference_sti(deltas, 1)
+        self.assertAlmostEqual(row["sti"], sti, delta=bound)
+        # cosines of the rank-1 reconstructions (from the factors): sums of 30 terms
+        svds = map(torch.linalg.svd, deltas)
+        expected = _mean_cosine([u[:, :1] * s[:1] @ vh[:1] for u, s, vh in svds])
+        self.assertAlmostEqual(row["cosine_mean"], expected, delta=10 * 30 * EPS)
+
+    def test_pairwise_decorrelated(self):
+        # each pair decorrelated alone; not 0 as 2k > max(m, n)
+        torch.manual_seed(0)
+        deltas = list(torch.randn(3, 3, 3, dtype=torch.float64))
+        got = pairwise_singular_task_interference(deltas, 2, decorrelate=True)
+        self.assertEqual(got.diagonal().tolist(), [0.0] * 3)
+        for i, j in ((0, 1), (0, 2), (1, 2)):
+            sti, _, bound = _reference_sti([deltas[i], deltas[j]], 2, decorrelate=True)
+            self.assertGreater(sti, 1e3 * bound)
+            # the polar factors add an error of the order of the products'
+            self.assertAlmostEqual(got[i, j].item(), sti, delta=2 * bound)
+            self.assertEqual(got[j, i].item(), got[i, j].item())
 
     def test_bad_input(self):
         models = _models(num_tasks=2)

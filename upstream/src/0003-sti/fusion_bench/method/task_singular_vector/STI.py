@@ -1,8 +1,5 @@
-"""
-Singular Task Interference (STI) analysis of a model pool, per layer: Gargiulo et al.,
-Task Singular Vectors: Reducing Task Interference in Model Merging, CVPR 2025
-(https://arxiv.org/abs/2412.00081), Eq. 4. See docs/algorithms/task_singular_vector.md.
-"""
+"""Singular Task Interference (STI) of a model pool, per layer: Gargiulo et al., CVPR
+2025 (arXiv:2412.00081), Eq. 4. See docs/algorithms/task_singular_vector.md."""
 
 import csv
 import json
@@ -35,8 +32,8 @@ class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
     Args:
         rank: per-task rank $k$ (None: $\max(1, \lfloor \min(m, n) / T \rfloor)$).
         full_rank: also the STI at full rank (else only rank-$k$ factors are computed).
-        exclude_keys: glob patterns of parameters that are not analysed.
-        output_path: directory of the files (None: the log directory).
+        exclude_keys: `fnmatch` patterns of parameters to skip (TSVM's: exact names).
+        output_path: directory of the files (None: the log directory, else the cwd).
     """
 
     def __init__(
@@ -111,10 +108,7 @@ class SingularTaskInterference(LightningFabricMixin, BaseAlgorithm):
         self._save(results)
 
     def _save(self, results: dict) -> None:
-        out_dir = self.output_path or self.log_dir
-        if out_dir is None:
-            log.warning("STI: no output_path and no log directory, nothing written")
-            return
+        out_dir = self.output_path or self.log_dir or os.getcwd()
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "sti.json.tmp"), "w") as f:
             json.dump(results, f, indent=2)
