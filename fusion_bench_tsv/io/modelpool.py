@@ -23,6 +23,7 @@ __all__ = [
     "HubUnreachableError",
     "as_modelpool",
     "check_taskpool_paths",
+    "taskpool_config",
     "check_checkpoint_keys",
     "check_pool_entries",
     "finetuned_model_names",
@@ -145,15 +146,25 @@ def _config_paths(config) -> Iterator[str]:
             yield from _config_paths(value)
 
 
+def taskpool_config(taskpool) -> Optional[Mapping]:
+    """A task pool's configuration (``test_datasets``, ``clip_model``, ...): a mapping as it is, an instantiated
+    FusionBench pool's public ``config``; ``None`` for an object without one."""
+    if isinstance(taskpool, Mapping):
+        return taskpool
+    try:
+        config = taskpool.config
+    except Exception:  # not a FusionBench pool, or one whose values OmegaConf cannot hold
+        return None
+    return config if isinstance(config, Mapping) else None
+
+
 def check_taskpool_paths(taskpool, what: str) -> None:
     """Raise a ``FileNotFoundError`` naming ``what`` for the first local path of a task pool (a config, or a
     FusionBench ``CLIPVisionModelTaskPool`` before its setup) that does not exist, with the offline benchmark's
     build command when it lies there (:func:`offline_benchmark_hint`), instead of transformers' hub message
     when the pool is set up."""
-    if not isinstance(taskpool, Mapping) and hasattr(taskpool, "_test_datasets"):
-        taskpool = {"clip_model": getattr(taskpool, "_clip_model", None), "processor": getattr(taskpool, "_processor", None),
-                    "test_datasets": taskpool._test_datasets}
-    if not isinstance(taskpool, Mapping):
+    taskpool = taskpool_config(taskpool)
+    if taskpool is None:
         return
     tasks = taskpool.get("test_datasets")
     num_tasks = len(tasks) if isinstance(tasks, Mapping) else 0

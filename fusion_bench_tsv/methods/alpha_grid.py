@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..functional import compute_dtype
 from ..io.keys import state_dict_of
-from ..io.modelpool import check_taskpool_paths
+from ..io.modelpool import check_taskpool_paths, taskpool_config
 from ..io.outputs import output_dir, write_output_dir
 from ..runtime.merge_job import ParameterMerge, add_scaled
 from ..runtime.timing import timed
@@ -195,7 +195,7 @@ def _restore_layout(model: nn.Module, layout: Mapping[tuple, tuple]) -> None:
 
 
 def _pool_name(taskpool: Any) -> str:
-    tasks = getattr(taskpool, "_test_datasets", None)
+    tasks = (taskpool_config(taskpool) or {}).get("test_datasets")
     return type(taskpool).__name__ + (f" (tasks {list(tasks)})" if isinstance(tasks, Mapping) else "")
 
 
