@@ -19,6 +19,8 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tu
 import torch
 from torch import Tensor
 
+from .tsv_compression import compute_dtype, layer_rank
+
 
 class SVDFactors(NamedTuple):
     """Rank-k factors `U (m × k)`, `S (k)`, `Vh (k × n)`, `U diag(S) Vh ≈ Δ`;
@@ -63,13 +65,13 @@ def task_factors(
                 f"expected the 2-D shape {tuple(shape)}"
             )
     r = min(shape)
-    k = max(1, r // len(deltas)) if k is None else k
+    k = layer_rank(shape, len(deltas)) if k is None else k
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= r:
         raise ValueError(
             f"k={k!r} is out of range for {tuple(shape)} task matrices: "
             f"need 1 <= k <= rank {r}"
         )
-    work = torch.float64 if deltas[0].dtype == torch.float64 else torch.float32
+    work = compute_dtype(deltas[0].dtype)
     return [svd(d.to(work), k) for d in deltas]
 
 
@@ -223,7 +225,7 @@ def task_cosine_similarity(tasks: Sequence) -> Tensor:
     \sigma_{ia}(U_i^\top U_j)_{ab}\sigma_{jb}(V_i^\top V_j)_{ab}$ (0 for a zero task).
     """
     if isinstance(tasks[0], Tensor):
-        dtype = torch.float64 if tasks[0].dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(tasks[0].dtype)
         flat = [d.reshape(-1).to(dtype) for d in tasks]
         gram = _symmetric(len(flat), lambda i, j: flat[i] @ flat[j], flat[0])
     else:

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import lapack
 from .interference import SVDFactors
 from .rank import numerical_rank, rank_threshold
-from .tsv_compression import layer_rank
+from .tsv_compression import compute_dtype, layer_rank
 
 __all__ = [
     "SVDFactors",
@@ -59,11 +59,6 @@ def orthogonalization_method(method: str) -> str:
 #: Largest condition number of a Gram matrix ``AᵀA`` that the Gram (whitening) paths accept in float64;
 #: above it they fall back to the SVD. cond(AᵀA) = cond(A)², so this is cond(A) <= 1e5.
 GRAM_COND_LIMIT = 1e10
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the linear algebra runs in: float64 stays float64, everything else is float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def default_rank(shape: Sequence[int], num_tasks: int) -> int:

@@ -71,6 +71,11 @@ def _in_unit_interval(value) -> bool:
     return number and math.isfinite(value) and 0 < value <= 1
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the SVDs run in: float64 stays float64, every other dtype is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def check_rank_options(
     fraction: Optional[float] = None,
     rank: Optional[int] = None,
@@ -160,7 +165,7 @@ def compress_matrix(
         raise ValueError(
             f"rank k={k} is out of range for {tuple(delta.shape)} (1..{r})"
         )
-    work = torch.float64 if delta.dtype == torch.float64 else torch.float32
+    work = compute_dtype(delta.dtype)
     U, S, Vh = torch.linalg.svd(delta.to(work), full_matrices=False)
     k = energy_rank(S, energy) if k is None else k
     factors = (U[:, :k], S[:k], Vh[:k, :])  # copies: the full SVD is freed
@@ -216,7 +221,7 @@ def apply_compressed(
     out: Dict[str, Tensor] = {}
     for key, base in base_state.items():
         dev = base.device if device is None else torch.device(device)
-        work = torch.float64 if base.dtype == torch.float64 else torch.float32
+        work = compute_dtype(base.dtype)
         if key in task.factors:
             delta = reconstruct(tuple(f.to(dev, work) for f in task.factors[key]))
             out[key] = (base.to(dev, work) + delta).to(base.device, base.dtype)
