@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -216,11 +215,7 @@ def test_whole_series_installs_from_the_patched_source_distribution(sdist, tmp_p
     release's own tests pass against the installed copy."""
     if importlib.util.find_spec("setuptools") is None:
         pytest.fail("setuptools, the build backend of fusion-bench's sdist, is not installed here: pip install setuptools")
-    with tarfile.open(sdist) as tar:
-        tar.extractall(tmp_path, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
-    src = tmp_path / f"fusion_bench-{generate.FUSION_BENCH_VERSION}"
-    (src / "fusion_bench_config").rename(src / "config")
-    (src / "fusion_bench_config").symlink_to("config")
+    src = generate.release_tree(sdist, tmp_path)
     shipped = sorted(p.name for p in (src / "tests").glob("test_*.py"))
     for pr in generate.SERIES:
         _run(["git", "apply", "--exclude=docs/*", "--exclude=mkdocs.yml", UPSTREAM / "series" / f"{pr.name}.patch"],

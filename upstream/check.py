@@ -20,7 +20,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -90,11 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         main_tree = Path(tmp) / "main"
         shutil.copytree(args.main, main_tree, symlinks=True, ignore=shutil.ignore_patterns(".git", "__pycache__"))
-        with tarfile.open(args.sdist) as tar:
-            tar.extractall(tmp, filter="data")
-        release = Path(tmp) / f"fusion_bench-{generate.FUSION_BENCH_VERSION}"
-        (release / "fusion_bench_config").rename(release / "config")
-        (release / "fusion_bench_config").symlink_to("config")
+        release = generate.release_tree(args.sdist, Path(tmp))
         shutil.copytree(generate.UPSTREAM / "base", release, dirs_exist_ok=True)
         ok = check_base(f"main {generate.MAIN_COMMIT[:7]}", main_tree, lines)
         ok = check_base(f"{generate.FUSION_BENCH_VERSION} (source distribution)", release, lines) and ok

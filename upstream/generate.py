@@ -30,6 +30,7 @@ import re
 import runpy
 import subprocess
 import sys
+import tarfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -158,6 +159,17 @@ def main_file(path: str) -> Optional[str]:
     if git_blob_id(data) != blob:
         raise GenerationError(f"{file} is not FusionBench's {path} at {MAIN_COMMIT[:7]} (blob {blob})")
     return data.decode()
+
+
+def release_tree(archive: Path, into: Path) -> Path:
+    """fusion-bench's source distribution ``archive`` unpacked under ``into`` in its repository's layout, where
+    ``config/`` is the directory and ``fusion_bench_config`` a link to it (the release ships the directory)."""
+    with tarfile.open(archive) as tar:
+        tar.extractall(into, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))
+    tree = into / f"fusion_bench-{FUSION_BENCH_VERSION}"
+    (tree / "fusion_bench_config").rename(tree / "config")
+    (tree / "fusion_bench_config").symlink_to("config")
+    return tree
 
 
 # ----------------------------------------------------------------------------------------- contributed modules
